@@ -1,0 +1,306 @@
+"""Assembles the gateway: resources opened in the lifespan, the hot path dispatched raw.
+
+`Gateway` holds everything a running instance needs (no module-level state). The ASGI
+entry point sends the proxy routes straight to their raw endpoints and everything else
+to Starlette, which serves the JSON APIs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import time
+from typing import Any, Awaitable, Callable
+
+import orjson
+from starlette.applications import Starlette
+from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import Request
+
+from gateway.auth import AdminAuth, Authenticator
+from gateway.catalog import Catalog
+from gateway.clock import Clock, system_clock
+from gateway.config import Config
+from gateway.directory import Directory
+from gateway.errors import GatewayError
+from gateway.proxy import (
+    Admission,
+    AsSent,
+    BodyPreparer,
+    DiscardRecorder,
+    EmergencyStop,
+    OpenAdmission,
+    ProxyEndpoint,
+    Recorder,
+    StreamInFlight,
+)
+from gateway.routes.common import error_response
+from gateway.secrets_files import admin_token_hash, management_key
+from gateway.store import Store
+from gateway.upstream import Transport, UpstreamClient, make_transport
+from gateway.vault import Vault
+
+log = logging.getLogger("gateway")
+access_log = logging.getLogger("gateway.access")
+
+PROXY_ENDPOINTS = ("/chat/completions", "/completions", "/embeddings")
+EMERGENCY_STOP = "emergency_stop"
+
+
+class Gateway:
+    """One running instance: config, store, caches, upstream client and background jobs."""
+
+    def __init__(self, config: Config, *, transport: Transport | None = None, clock: Clock = system_clock) -> None:
+        self.config = config
+        self.clock = clock
+        self._transport = transport
+        self.stop = EmergencyStop()
+        self.streams: dict[str, StreamInFlight] = {}
+        self.proxies: dict[str, ProxyEndpoint] = {}
+        self.admission: Admission = OpenAdmission()
+        self.recorder: Recorder = DiscardRecorder()
+        self.preparer: BodyPreparer = AsSent()
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._on_stop: list[Callable[[], Awaitable[None]]] = []
+        self.store: Store
+        self.vault: Vault
+        self.auth: Authenticator
+        self.admin: AdminAuth
+        self.upstream: UpstreamClient
+        self.directory: Directory
+        self.management_key: str | None = None
+        self.catalog: Catalog
+
+    async def start(self) -> None:
+        cfg = self.config
+        self.vault = Vault.from_sources(cfg.security.master_keys, cfg.security.master_key_file)
+        self.admin = AdminAuth(admin_token_hash(cfg.security))
+        self.management_key = management_key(cfg.upstream)
+        self.store = await Store.open(cfg.database.url, self.clock)
+        transport = self._transport or make_transport(
+            cfg.upstream.client,
+            pool_size=cfg.upstream.pool_size,
+            connect_timeout_s=cfg.upstream.connect_timeout_s,
+            read_timeout_s=cfg.upstream.read_timeout_s,
+        )
+        self.upstream = UpstreamClient(
+            transport,
+            cfg.upstream.base_url,
+            retries=cfg.upstream.retries,
+            backoff_base_s=cfg.upstream.backoff_base_s,
+            backoff_max_s=cfg.upstream.backoff_max_s,
+        )
+        self.auth = Authenticator(self.store, self.vault, clock=self.clock)
+        await self.auth.start_feed()
+        self.directory = Directory(
+            self.store, cfg, forget_user=self.auth.forget_user, forget_token=self.auth.forget_token, clock=self.clock
+        )
+        self.catalog = Catalog(self.upstream, ttl_s=cfg.models.cache_ttl_s, clock=self.clock)
+        await self.load_emergency_stop()
+        self.build_proxies()
+        self.spawn(self._poll_changes())
+        self.spawn(self._flush_last_used())
+
+    def build_proxies(self) -> None:
+        attribution = {"HTTP-Referer": self.config.upstream.app_referer or "",
+                       "X-OpenRouter-Title": self.config.upstream.app_title or ""}
+        for endpoint in PROXY_ENDPOINTS:
+            proxy = ProxyEndpoint(
+                endpoint,
+                auth=self.auth,
+                upstream=self.upstream,
+                stop=self.stop,
+                max_body_bytes=self.config.server.max_body_bytes,
+                attribution=attribution,
+                admission=self.admission,
+                recorder=self.recorder,
+                preparer=self.preparer,
+                streams=self.streams,
+                clock=self.clock,
+            )
+            self.proxies["/v1" + endpoint] = proxy
+            self.proxies["/api/v1" + endpoint] = proxy
+
+    def spawn(self, coroutine: Awaitable[Any]) -> asyncio.Task[Any]:
+        task = asyncio.ensure_future(coroutine)
+        self._tasks.append(task)
+        return task
+
+    def on_shutdown(self, callback: Callable[[], Awaitable[None]]) -> None:
+        """Run at shutdown, after streams drained, before the store closes (flushes go here)."""
+        self._on_stop.append(callback)
+
+    async def shutdown(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for callback in reversed(self._on_stop):
+            try:
+                await callback()
+            except Exception:
+                log.exception("shutdown step failed")
+        with contextlib.suppress(Exception):
+            await self.store.tokens.touch(self.auth.take_last_used())
+        await self.upstream.close()
+        await self.store.close()
+
+    async def load_emergency_stop(self) -> None:
+        raw = await self.store.state.get(EMERGENCY_STOP)
+        value = orjson.loads(raw) if raw else {}
+        self.stop.enabled = bool(value.get("enabled"))
+        self.stop.reason = value.get("reason")
+
+    async def _poll_changes(self) -> None:
+        while True:
+            await asyncio.sleep(self.auth.poll_interval_s)
+            try:
+                before = self.auth._last_seq
+                await self.auth.poll_changes()
+                if self.auth._last_seq != before:
+                    await self.load_emergency_stop()
+            except Exception:
+                log.exception("change feed poll failed; retrying")
+
+    async def _flush_last_used(self) -> None:
+        while True:
+            await asyncio.sleep(5)
+            try:
+                await self.store.tokens.touch(self.auth.take_last_used())
+            except Exception:
+                log.exception("recording token last-used times failed")
+
+
+class GatewayApp:
+    """The ASGI entry point: request ids and access logs for everything, raw dispatch for the proxy."""
+
+    def __init__(
+        self, gateway: Gateway, api: Starlette, *, access_log_enabled: bool = True, cors_origins: list[str] = ()
+    ) -> None:
+        self.gateway = gateway
+        self.api = api
+        self.access_log_enabled = access_log_enabled
+        self._entry: Any = self._dispatch
+        if cors_origins:
+            self._entry = CORSMiddleware(
+                self._dispatch,
+                allow_origins=list(cors_origins),
+                allow_methods=["*"],
+                allow_headers=["*"],
+                expose_headers=["X-Generation-Id", "X-Request-Id", "Retry-After"],
+            )
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await self._entry(scope, receive, send)
+
+    async def _dispatch(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.api(scope, receive, send)
+            return
+        request_id = _incoming_request_id(scope) or "req_" + secrets.token_hex(8)
+        scope.setdefault("state", {})["request_id"] = request_id
+        started = time.perf_counter()
+        status = 0
+
+        async def send_logged(message: dict[str, Any]) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                headers = message.get("headers") or []
+                if not any(name == b"x-request-id" for name, _ in headers):
+                    message["headers"] = [*headers, (b"x-request-id", request_id.encode())]
+            await send(message)
+
+        endpoint = self.gateway.proxies.get(scope["path"]) if scope["method"] == "POST" else None
+        try:
+            if endpoint is not None:
+                await endpoint(scope, receive, send_logged)
+            else:
+                await self.api(scope, receive, send_logged)
+        finally:
+            if self.access_log_enabled:
+                access_log.info(
+                    "%s %s %s",
+                    scope["method"],
+                    scope["path"],
+                    status,
+                    extra={
+                        "request_id": request_id,
+                        "method": scope["method"],
+                        "path": scope["path"],
+                        "status": status,
+                        "duration_ms": round((time.perf_counter() - started) * 1000, 2),
+                    },
+                )
+
+
+def _incoming_request_id(scope: dict[str, Any]) -> str | None:
+    for name, value in scope["headers"]:
+        if name == b"x-request-id":
+            text = value.decode("latin-1")
+            if 0 < len(text) <= 128 and text.isprintable():
+                return text
+    return None
+
+
+async def _gateway_error(request: Request, exc: Exception) -> Any:
+    assert isinstance(exc, GatewayError)
+    return error_response(exc, request)
+
+
+def create_app(
+    config: Config,
+    *,
+    transport: Transport | None = None,
+    clock: Clock = system_clock,
+    extensions: list[Callable[[Gateway], Awaitable[None]]] | None = None,
+) -> GatewayApp:
+    """Build the ASGI app; resources open when the server's lifespan starts."""
+    from gateway.routes import account, admin, admin_keys, limits, models, ops, usage
+
+    gateway = Gateway(config, transport=transport, clock=clock)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> Any:
+        await gateway.start()
+        from gateway.services import install_services
+
+        await install_services(gateway)
+        for extension in extensions or []:
+            await extension(gateway)
+        gateway.build_proxies()
+        try:
+            yield
+        finally:
+            await gateway.shutdown()
+
+    api = Starlette(
+        routes=[
+            *ops.routes,
+            *models.routes,
+            *account.routes,
+            *usage.routes,
+            *limits.routes,
+            *admin.routes,
+            *admin_keys.routes,
+        ],
+        lifespan=lifespan,
+        exception_handlers={GatewayError: _gateway_error, 404: _not_found, 405: _method_not_allowed},
+    )
+    api.state.gateway = gateway
+    return GatewayApp(
+        gateway, api, access_log_enabled=config.logging.access_log, cors_origins=config.server.cors_origins
+    )
+
+
+async def _not_found(request: Request, exc: Exception) -> Any:
+    from gateway.errors import NotFound
+
+    return error_response(NotFound(f"No route {request.method} {request.url.path}; see the API in README.md."), request)
+
+
+async def _method_not_allowed(request: Request, exc: Exception) -> Any:
+    err = GatewayError(f"Method {request.method} is not allowed on {request.url.path}.", status=405)
+    err.type = "invalid_request_error"
+    return error_response(err, request)

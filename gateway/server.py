@@ -1,0 +1,99 @@
+"""Running the gateway under uvicorn (uvloop + httptools), alone or beside the emulator (--demo)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from typing import Any
+
+import uvicorn
+
+from gateway.config import Config, load_config
+from gateway.logs import configure_logging
+from gateway.setup import ensure_runtime
+
+DEMO_EMULATOR_PORT = 8090
+GRACEFUL_SHUTDOWN_S = 30
+
+
+def _uvicorn_config(app: Any, host: str, port: int, **extra: Any) -> uvicorn.Config:
+    return uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        loop="uvloop",
+        http="httptools",
+        lifespan="on",
+        log_config=None,
+        access_log=False,
+        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
+        timeout_keep_alive=30,
+        **extra,
+    )
+
+
+def create_from_env() -> Any:
+    """App factory for `--workers N` (each worker process builds its own app from the config)."""
+    from gateway.app import create_app
+
+    config = load_config(os.environ.get("GATEWAY_CONFIG"))
+    configure_logging(config.logging.level)
+    return create_app(config)
+
+
+def serve(config_file: str | None, *, host: str | None, port: int | None, workers: int | None, demo: bool) -> None:
+    config = load_config(config_file)
+    if demo:
+        config = _demo_config(config)
+    configure_logging(config.logging.level)
+    ensure_runtime(config, announce=lambda line: print(line, file=sys.stderr, flush=True))
+    host = host or config.server.host
+    port = config.server.port if port is None else port
+    workers = workers or config.server.workers
+    if workers > 1 and not demo:
+        if config_file:
+            os.environ["GATEWAY_CONFIG"] = str(config_file)
+        uvicorn.run(
+            "gateway.server:create_from_env", factory=True, workers=workers, host=host, port=port,
+            loop="uvloop", http="httptools", log_config=None, access_log=False,
+            timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
+        )
+        return
+    asyncio.run(_serve(config, host, port, demo))
+
+
+def _demo_config(config: Config) -> Config:
+    upstream = config.upstream.model_copy(update={"base_url": f"http://127.0.0.1:{DEMO_EMULATOR_PORT}/api/v1"})
+    return config.model_copy(update={"upstream": upstream})
+
+
+async def _serve(config: Config, host: str, port: int, demo: bool) -> None:
+    from gateway.app import create_app
+
+    app = create_app(config)
+    server = uvicorn.Server(_uvicorn_config(app, host, port))
+    if not demo:
+        await server.serve()
+        return
+    from gateway.demo import prepare_demo
+    from gateway.emulator import create_emulator_app
+
+    emulator = uvicorn.Server(_uvicorn_config(create_emulator_app(), "127.0.0.1", DEMO_EMULATOR_PORT))
+    emulator.config.lifespan = "auto"
+    emulator_task = asyncio.create_task(emulator.serve())
+    while not emulator.started:
+        await asyncio.sleep(0.05)
+        if emulator_task.done():
+            raise SystemExit(f"gateway: the emulator could not start on port {DEMO_EMULATOR_PORT}")
+    server_task = asyncio.create_task(server.serve())
+    while not server.started:
+        await asyncio.sleep(0.05)
+        if server_task.done():
+            emulator.should_exit = True
+            await emulator_task
+            return
+    await prepare_demo(app.gateway, host, port)
+    await server_task
+    emulator.should_exit = True
+    await emulator_task

@@ -1,0 +1,17 @@
+"""Where the services plug into a started gateway (limits, accounting, catalogue, …).
+
+Each service installs itself here: it sets the proxy's hooks (`admission`, `recorder`,
+`preparer`) or attaches itself to the gateway, and registers its background jobs and
+shutdown flushes. `create_app` calls this after the foundations are open.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from gateway.app import Gateway
+
+
+async def install_services(gateway: "Gateway") -> None:
+    return None

@@ -1,0 +1,156 @@
+"""Read what a response says about its generation without changing a byte of it.
+
+`StreamObserver.feed` is handed every chunk on its way to the client. It keeps only the
+unfinished last line between chunks and parses just the events it needs: the first
+(generation id, model, provider), any carrying `usage` (the final one, with cost) or a
+top-level `error`. Money is parsed as Decimal.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any
+
+import orjson
+
+_MAX_TAIL = 1 << 20  # a single SSE line longer than this is not observed (still passed through)
+_FINISH = re.compile(rb'"finish_reason"\s*:\s*"([^"]+)"')
+_USAGE = re.compile(rb'"usage"\s*:\s*\{')
+_DECODER = json.JSONDecoder(parse_float=Decimal)
+
+
+@dataclass(slots=True)
+class Observation:
+    """What one proxied generation told us; accounting turns it into a usage record."""
+
+    generation_id: str | None = None
+    model: str | None = None
+    provider: str | None = None
+    finish_reason: str | None = None
+    usage: dict[str, Any] | None = None
+    error: dict[str, Any] | None = None
+    bytes: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _data_lines(block: bytes) -> list[bytes]:
+    return [line[5:].strip() for line in block.split(b"\n") if line.startswith(b"data:")]
+
+
+def parse_usage(raw: bytes) -> dict[str, Any] | None:
+    """The last `"usage": {...}` object in `raw`, Decimal-exact; None if absent or not JSON.
+
+    An unescaped `"usage":` can only be an object key (inside a JSON string its quotes
+    would be escaped), so searching the bytes is safe.
+    """
+    match = None
+    for match in _USAGE.finditer(raw):
+        pass
+    if match is None:
+        return None
+    try:
+        value, _ = _DECODER.raw_decode(raw.decode("utf-8", "replace"), match.end() - 1)
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
+class StreamObserver:
+    __slots__ = ("observation", "_tail", "_seen_first")
+
+    def __init__(self, observation: Observation | None = None) -> None:
+        self.observation = observation or Observation()
+        self._tail = b""
+        self._seen_first = False
+
+    def feed(self, chunk: bytes) -> None:
+        obs = self.observation
+        obs.bytes += len(chunk)
+        data = self._tail + chunk if self._tail else chunk
+        cut = data.rfind(b"\n")
+        if cut < 0:
+            self._tail = data if len(data) <= _MAX_TAIL else b""
+            return
+        block, self._tail = data[: cut + 1], data[cut + 1 :]
+        if len(self._tail) > _MAX_TAIL:
+            self._tail = b""
+        if not self._seen_first and b"data:" in block:
+            self._first_event(block)
+        if b'"finish_reason"' in block:
+            reasons = _FINISH.findall(block)
+            if reasons:
+                obs.finish_reason = reasons[-1].decode()
+        if b'"usage"' in block:
+            for line in _data_lines(block):
+                if b'"usage"' in line:
+                    usage = parse_usage(line)
+                    if usage is not None:
+                        obs.usage = usage
+        if b'"error"' in block:
+            for line in _data_lines(block):
+                if b'"error"' in line:
+                    self._error_event(line)
+
+    def finish(self) -> Observation:
+        if self._tail:
+            tail, self._tail = self._tail, b""
+            self.feed(tail + b"\n")
+            self.observation.bytes -= 1
+        return self.observation
+
+    def _first_event(self, block: bytes) -> None:
+        for line in _data_lines(block):
+            if not line or line == b"[DONE]":
+                continue
+            try:
+                event = orjson.loads(line)
+            except orjson.JSONDecodeError:
+                continue
+            if isinstance(event, dict):
+                self._seen_first = True
+                obs = self.observation
+                obs.generation_id = obs.generation_id or _str(event.get("id"))
+                obs.model = _str(event.get("model")) or obs.model
+                obs.provider = _str(event.get("provider")) or obs.provider
+                return
+
+    def _error_event(self, line: bytes) -> None:
+        try:
+            event = orjson.loads(line)
+        except orjson.JSONDecodeError:
+            return
+        if isinstance(event, dict) and isinstance(event.get("error"), dict):
+            self.observation.error = event["error"]
+            self.observation.finish_reason = self.observation.finish_reason or "error"
+
+
+def observe_body(raw: bytes, observation: Observation | None = None) -> Observation:
+    """The same facts from a complete (non-streamed) JSON response body."""
+    obs = observation or Observation()
+    obs.bytes = len(raw)
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return obs
+    if not isinstance(body, dict):
+        return obs
+    obs.generation_id = obs.generation_id or _str(body.get("id"))
+    obs.model = _str(body.get("model")) or obs.model
+    obs.provider = _str(body.get("provider")) or obs.provider
+    choices = body.get("choices")
+    if isinstance(choices, list) and choices and isinstance(choices[0], dict):
+        obs.finish_reason = _str(choices[0].get("finish_reason"))
+        if isinstance(choices[0].get("error"), dict):
+            obs.error = choices[0]["error"]
+    if isinstance(body.get("error"), dict):
+        obs.error = body["error"]
+    if "usage" in body:
+        obs.usage = parse_usage(raw)
+    return obs
+
+
+def _str(value: Any) -> str | None:
+    return value if isinstance(value, str) and value else None

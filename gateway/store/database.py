@@ -1,0 +1,52 @@
+"""The one interface every repository talks to: parameterised SQL with `?` placeholders.
+
+SQL in this package sticks to a portable subset (TEXT, INTEGER, BIGINT; money as TEXT
+holding an exact decimal string) so the same repositories run on SQLite and PostgreSQL;
+backends translate placeholders and the `{{AUTOINC}}` marker in migrations.
+"""
+
+from __future__ import annotations
+
+from contextlib import AbstractAsyncContextManager
+from typing import Any, Protocol, Sequence
+
+Row = dict[str, Any]
+Params = Sequence[Any]
+
+
+class Executor(Protocol):
+    async def execute(self, sql: str, params: Params = ()) -> int:
+        """Run one statement; returns the number of rows it changed."""
+
+    async def executemany(self, sql: str, rows: Sequence[Params]) -> None: ...
+
+    async def fetchone(self, sql: str, params: Params = ()) -> Row | None: ...
+
+    async def fetchall(self, sql: str, params: Params = ()) -> list[Row]: ...
+
+
+class Database(Executor, Protocol):
+    dialect: str
+
+    def transaction(self) -> AbstractAsyncContextManager[Executor]:
+        """All statements inside commit together or not at all."""
+
+    async def close(self) -> None: ...
+
+
+async def connect(url: str) -> Database:
+    """Open the database named by `database.url` and bring its schema up to date."""
+    from gateway.store.migrate import migrate
+
+    if url.startswith("sqlite:///"):
+        from gateway.store.sqlite import SqliteDatabase
+
+        db: Database = await SqliteDatabase.open(url[len("sqlite:///"):])
+    elif url.startswith(("postgresql://", "postgres://")):
+        from gateway.store.postgres import PostgresDatabase
+
+        db = await PostgresDatabase.open(url)
+    else:
+        raise ValueError(f"database.url: unsupported scheme in {url.split(':', 1)[0]!r}")
+    await migrate(db)
+    return db

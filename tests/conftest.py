@@ -1,0 +1,188 @@
+"""Shared fixtures: a real emulator process and real gateway processes on free ports.
+
+End-to-end tests talk HTTP to `python -m gateway serve` under uvicorn, exactly as an
+operator runs it; the emulator stands in for OpenRouter.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import httpx
+import pytest
+import yaml
+from cryptography.fernet import Fernet
+
+ROOT = Path(__file__).resolve().parents[1]
+ADMIN_TOKEN = "gwadmin-test-" + "a" * 40
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_http(url: str, process: subprocess.Popen[bytes], timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            out = process.stdout.read().decode() if process.stdout else ""
+            raise RuntimeError(f"process exited with {process.returncode}:\n{out[-4000:]}")
+        try:
+            httpx.get(url, timeout=0.5)
+            return
+        except httpx.HTTPError:
+            time.sleep(0.05)
+    raise RuntimeError(f"{url} did not answer within {timeout}s")
+
+
+def stop_process(process: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeout: float = 15) -> int:
+    if process.poll() is None:
+        process.send_signal(sig)
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    return process.returncode
+
+
+class Emulator:
+    def __init__(self, port: int, process: subprocess.Popen[bytes]) -> None:
+        self.port = port
+        self.process = process
+        self.url = f"http://127.0.0.1:{port}"
+        self.base_url = f"{self.url}/api/v1"
+
+    def control(self, path: str, payload: dict[str, Any] | None = None) -> Any:
+        response = httpx.post(f"{self.url}/_emulator/{path}", json=payload or {}, timeout=5)
+        response.raise_for_status()
+        return response.json()
+
+    def stats(self) -> dict[str, Any]:
+        return httpx.get(f"{self.url}/_emulator/stats", timeout=5).json()
+
+    def new_key(self, **options: Any) -> str:
+        return self.control("keys", options)["key"]
+
+
+@pytest.fixture(scope="session")
+def emulator() -> Iterator[Emulator]:
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "gateway", "emulator", "--port", str(port)],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )
+    emu = Emulator(port, process)
+    try:
+        wait_http(f"{emu.base_url}/models?limit=1", process)
+        yield emu
+    finally:
+        stop_process(process)
+
+
+class GatewayProcess:
+    """A running `gateway serve` with admin helpers for setting up users."""
+
+    def __init__(self, port: int, process: subprocess.Popen[bytes], config_file: Path, env: dict[str, str]) -> None:
+        self.port = port
+        self.process = process
+        self.config_file = config_file
+        self.env = env
+        self.url = f"http://127.0.0.1:{port}"
+        self.admin = httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}, timeout=30)
+
+    def create_user(self, *, tier: str | None = None, key: str | None = None, **fields: Any) -> dict[str, Any]:
+        body = {k: v for k, v in {"tier": tier, **fields}.items() if v is not None}
+        user = self.admin.post("/admin/v1/users", json=body)
+        assert user.status_code == 201, user.text
+        user_id = user.json()["id"]
+        if key is not None:
+            response = self.admin.put(f"/admin/v1/users/{user_id}/openrouter-key", json={"api_key": key})
+            assert response.status_code == 200, response.text
+        token = self.admin.post(f"/admin/v1/users/{user_id}/tokens", json={"name": "test"})
+        assert token.status_code == 201, token.text
+        return {"id": user_id, "token": token.json()["token"], "token_id": token.json()["id"]}
+
+    def client(self, token: str) -> httpx.Client:
+        return httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {token}"}, timeout=30)
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        self.admin.close()
+        return stop_process(self.process, sig)
+
+
+def write_config(tmp: Path, emulator: Emulator | None, overrides: dict[str, Any] | None = None) -> Path:
+    config: dict[str, Any] = {
+        "database": {"url": f"sqlite:///{tmp}/gateway.db"},
+        "security": {"master_key_file": str(tmp / "master.key"), "admin_token_file": str(tmp / "admin.sha256")},
+        "upstream": {"retries": 2, "backoff_base_s": 0.05, "backoff_max_s": 0.2},
+        "logging": {"access_log": False},
+    }
+    if emulator is not None:
+        config["upstream"]["base_url"] = emulator.base_url
+    for section, values in (overrides or {}).items():
+        if isinstance(values, dict) and isinstance(config.get(section), dict):
+            config[section] = {**config[section], **values}
+        else:
+            config[section] = values
+    path = tmp / "gateway.yaml"
+    path.write_text(yaml.safe_dump(config))
+    if not (tmp / "master.key").exists():
+        (tmp / "master.key").write_text(Fernet.generate_key().decode() + "\n")
+    return path
+
+
+def start_gateway(
+    tmp: Path, emulator: Emulator | None, overrides: dict[str, Any] | None = None, *,
+    port: int | None = None, extra_env: dict[str, str] | None = None,
+) -> GatewayProcess:
+    tmp.mkdir(parents=True, exist_ok=True)
+    config_file = write_config(tmp, emulator, overrides)
+    port = port or free_port()
+    env = {**os.environ, "GATEWAY_ADMIN_TOKEN": ADMIN_TOKEN, **(extra_env or {})}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "gateway", "--config", str(config_file), "serve", "--port", str(port)],
+        cwd=tmp, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )
+    gateway = GatewayProcess(port, process, config_file, env)
+    wait_http(f"{gateway.url}/health", process)
+    return gateway
+
+
+@pytest.fixture(scope="session")
+def gateway(emulator: Emulator, tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
+    """One gateway shared by the tests that don't need a config of their own."""
+    process = start_gateway(tmp_path_factory.mktemp("gateway"), emulator, {"tiers": _unlimited_tiers()})
+    try:
+        yield process
+    finally:
+        process.stop()
+
+
+def _unlimited_tiers() -> dict[str, Any]:
+    return {
+        "trial": {"markup_pct": "15"},
+        "starter": {"markup_pct": "10"},
+        "professional": {"markup_pct": "5"},
+        "enterprise": {"markup_pct": "0"},
+    }
+
+
+@pytest.fixture
+def user(gateway: GatewayProcess, emulator: Emulator) -> dict[str, Any]:
+    """A fresh user with their own emulator key and a platform token."""
+    return gateway.create_user(tier="starter", key=emulator.new_key())
