@@ -24,6 +24,7 @@ from gateway.catalog import Catalog
 from gateway.clock import Clock, system_clock
 from gateway.config import Config
 from gateway.directory import Directory
+from gateway.metrics import Metrics, route_label
 from gateway.errors import GatewayError
 from gateway.proxy import (
     Admission,
@@ -72,6 +73,8 @@ class Gateway:
         self.directory: Directory
         self.management_key: str | None = None
         self.catalog: Catalog
+        self.metrics = Metrics()
+        self.metrics.gauge("gateway_streams_in_flight", lambda: len(self.streams))
 
     async def start(self) -> None:
         cfg = self.config
@@ -219,6 +222,8 @@ class GatewayApp:
             else:
                 await self.api(scope, receive, send_logged)
         finally:
+            elapsed = time.perf_counter() - started
+            self.gateway.metrics.observe_request(route_label(scope["path"], self.gateway.proxies), status, elapsed)
             if self.access_log_enabled:
                 access_log.info(
                     "%s %s %s",
@@ -230,7 +235,7 @@ class GatewayApp:
                         "method": scope["method"],
                         "path": scope["path"],
                         "status": status,
-                        "duration_ms": round((time.perf_counter() - started) * 1000, 2),
+                        "duration_ms": round(elapsed * 1000, 2),
                     },
                 )
 

@@ -35,7 +35,14 @@ async def ready(request: Request) -> Response:
     return json_response({"status": "ok" if ok else "unavailable", "checks": checks}, status=200 if ok else 503)
 
 
+async def metrics(request: Request) -> Response:
+    """Prometheus text format; unauthenticated like /health (expose it on a private network)."""
+    gateway = gateway_of(request)
+    return Response(gateway.metrics.render(), media_type="text/plain; version=0.0.4")
+
+
 routes = [
+    Route("/metrics", metrics, methods=["GET"]),
     Route("/health", health, methods=["GET"]),
     Route("/health/ready", ready, methods=["GET"]),
 ]
