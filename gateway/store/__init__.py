@@ -11,6 +11,7 @@ from gateway.store.database import Database, connect
 from gateway.store.keys import KeyRepository
 from gateway.store.state import StateRepository
 from gateway.store.tokens import TokenRepository
+from gateway.store.usage import UsageRepository
 from gateway.store.users import UserRepository
 
 
@@ -23,6 +24,7 @@ class Store:
     changes: ChangeFeed
     state: StateRepository
     audit: AuditRepository
+    usage: UsageRepository
 
     @classmethod
     def over(cls, db: Database, clock: Clock = system_clock) -> "Store":
@@ -34,6 +36,7 @@ class Store:
             changes=ChangeFeed(db),
             state=StateRepository(db, clock),
             audit=AuditRepository(db, clock),
+            usage=UsageRepository(db, clock),
         )
 
     @classmethod
