@@ -32,6 +32,16 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_BAD_INPUT, f"gateway: {message} (see `{self.prog} --help`)\n")
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be 1 or more")
+    return value
+
+
 def config_path(args: argparse.Namespace) -> str | None:
     path = getattr(args, "config", None) or os.environ.get("GATEWAY_CONFIG")
     if path:
@@ -73,7 +83,8 @@ def cmd_init(args: argparse.Namespace) -> None:
 def cmd_serve(args: argparse.Namespace) -> None:
     from gateway.server import serve
 
-    serve(config_path(args), host=args.host, port=args.port, workers=args.workers, demo=args.demo)
+    serve(config_path(args), host=args.host, port=args.port, workers=args.workers, demo=args.demo,
+          demo_port=args.demo_port)
 
 
 def cmd_emulator(args: argparse.Namespace) -> None:
@@ -168,6 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, help="listen port (default: server.port)")
     p.add_argument("--workers", type=int, help="worker processes (default: server.workers)")
     p.add_argument("--demo", action="store_true", help="also run the local OpenRouter emulator with a demo user")
+    p.add_argument("--demo-port", type=int, default=8090, help="port of the demo's emulator (default 8090)")
 
     p = sub.add_parser("emulator", help="run the local OpenRouter emulator")
     p.add_argument("--host", default="127.0.0.1")
@@ -179,8 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--email")
     p.add_argument("--tier", help="tier name (default: default_tier)")
     p = users.add_parser("list", help="list users")
-    p.add_argument("--limit", type=int, default=100)
-    p.add_argument("--cursor")
+    p.add_argument("--limit", type=_positive_int, default=100, help="users per page (default 100)")
+    p.add_argument("--cursor", help="the next_cursor of the previous page")
     for name, text in (("show", "show a user"), ("suspend", "suspend a user"), ("resume", "resume a user"),
                        ("delete", "delete a user, their tokens and key")):
         p = users.add_parser(name, help=text)

@@ -7,14 +7,16 @@ and tells the local auth cache at once (other instances learn through the change
 from __future__ import annotations
 
 import re
+from datetime import datetime, timezone
 from decimal import Decimal, InvalidOperation
 from typing import Any, Callable
 
-from gateway.clock import Clock, iso, parse_iso, system_clock
+from gateway.clock import Clock, iso, system_clock
 from gateway.config import Config
 from gateway.errors import BadRequest, Conflict, NotFound
 from gateway.openrouter_keys import describe_key
 from gateway.store import Store
+from gateway.store.database import IntegrityError
 
 USER_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,127}$")
 EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
@@ -70,7 +72,10 @@ class Directory:
         tier = self.check_tier(tier if tier is not None else self.config.default_tier)
         if await self.store.users.exists(user_id=user_id, email=email):
             raise Conflict("A user with that id or email already exists.", param="id" if user_id else "email")
-        user = await self.store.users.create(user_id=user_id, email=email, tier=tier)
+        try:
+            user = await self.store.users.create(user_id=user_id, email=email, tier=tier)
+        except IntegrityError:  # a concurrent create won the race our check could not see
+            raise Conflict("A user with that id or email already exists.", param="id" if user_id else "email") from None
         await self._audit("user.create", user["id"], details={"tier": tier})
         return await self.describe(user)
 
@@ -123,12 +128,17 @@ class Directory:
             email = changes["email"]
             if email is not None and (not isinstance(email, str) or not EMAIL.match(email)):
                 raise BadRequest(f"{email!r} is not an email address.", param="email")
+            if email is not None and email != user["email"] and await self.store.users.exists(email=email):
+                raise Conflict(f"Another user already has the email {email!r}.", param="email")
             fields["email"] = email
         if "limits" in changes:
             fields["overrides"] = self._merge_overrides(user["overrides"], changes["limits"])
         if not fields:
             return await self.describe(user)
-        updated = await self.store.users.update(user_id, **fields)
+        try:
+            updated = await self.store.users.update(user_id, **fields)
+        except IntegrityError:
+            raise Conflict("Another user already has that email.", param="email") from None
         if updated is None:
             raise NotFound(f"No user {user_id!r}.")
         self._forget_user(user_id)
@@ -198,7 +208,8 @@ class Directory:
         if not isinstance(expires_at, str):
             raise BadRequest("expires_at must be an ISO-8601 time such as 2027-01-31T00:00:00Z.", param="expires_at")
         try:
-            ts = parse_iso(expires_at)
+            moment = datetime.fromisoformat(expires_at.replace("Z", "+00:00"))
+            ts = (moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)).timestamp()  # naive = UTC
         except ValueError:
             raise BadRequest("expires_at must be an ISO-8601 time such as 2027-01-31T00:00:00Z.", param="expires_at") from None
         if ts <= self._clock():

@@ -42,10 +42,13 @@ def create_from_env() -> Any:
     return create_app(config)
 
 
-def serve(config_file: str | None, *, host: str | None, port: int | None, workers: int | None, demo: bool) -> None:
+def serve(
+    config_file: str | None, *, host: str | None, port: int | None, workers: int | None, demo: bool,
+    demo_port: int = DEMO_EMULATOR_PORT,
+) -> None:
     config = load_config(config_file)
     if demo:
-        config = _demo_config(config)
+        config = _demo_config(config, demo_port)
     configure_logging(config.logging.level)
     ensure_runtime(config, announce=lambda line: print(line, file=sys.stderr, flush=True))
     host = host or config.server.host
@@ -60,15 +63,15 @@ def serve(config_file: str | None, *, host: str | None, port: int | None, worker
             timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
         )
         return
-    asyncio.run(_serve(config, host, port, demo))
+    asyncio.run(_serve(config, host, port, demo, demo_port))
 
 
-def _demo_config(config: Config) -> Config:
-    upstream = config.upstream.model_copy(update={"base_url": f"http://127.0.0.1:{DEMO_EMULATOR_PORT}/api/v1"})
+def _demo_config(config: Config, demo_port: int) -> Config:
+    upstream = config.upstream.model_copy(update={"base_url": f"http://127.0.0.1:{demo_port}/api/v1"})
     return config.model_copy(update={"upstream": upstream})
 
 
-async def _serve(config: Config, host: str, port: int, demo: bool) -> None:
+async def _serve(config: Config, host: str, port: int, demo: bool, demo_port: int = DEMO_EMULATOR_PORT) -> None:
     from gateway.app import create_app
 
     app = create_app(config)
@@ -79,13 +82,13 @@ async def _serve(config: Config, host: str, port: int, demo: bool) -> None:
     from gateway.demo import prepare_demo
     from gateway.emulator import create_emulator_app
 
-    emulator = uvicorn.Server(_uvicorn_config(create_emulator_app(), "127.0.0.1", DEMO_EMULATOR_PORT))
+    emulator = uvicorn.Server(_uvicorn_config(create_emulator_app(), "127.0.0.1", demo_port))
     emulator.config.lifespan = "auto"
     emulator_task = asyncio.create_task(emulator.serve())
     while not emulator.started:
         await asyncio.sleep(0.05)
         if emulator_task.done():
-            raise SystemExit(f"gateway: the emulator could not start on port {DEMO_EMULATOR_PORT}")
+            raise SystemExit(f"gateway: the emulator could not start on port {demo_port} (choose another with --demo-port)")
     server_task = asyncio.create_task(server.serve())
     while not server.started:
         await asyncio.sleep(0.05)

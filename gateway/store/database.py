@@ -14,6 +14,11 @@ Row = dict[str, Any]
 Params = Sequence[Any]
 
 
+class IntegrityError(Exception):
+    """A write broke a unique or foreign-key constraint (raised the same way by every backend),
+    so callers can answer 409 for a race their own checks could not see."""
+
+
 class Executor(Protocol):
     async def execute(self, sql: str, params: Params = ()) -> int:
         """Run one statement; returns the number of rows it changed."""

@@ -6,9 +6,12 @@ its bookkeeping row, so a racing instance fails on the primary key instead of ap
 
 from __future__ import annotations
 
+import contextlib
+import time
 from importlib import resources
 from typing import Any
 
+from gateway.clock import iso
 from gateway.store.database import Database
 
 
@@ -25,7 +28,17 @@ def _statements(sql: str) -> list[str]:
 
 
 async def migrate(db: Any) -> list[str]:
-    """Bring the schema up to date; returns the names of the migrations applied now."""
+    """Bring the schema up to date; returns the names of the migrations applied now.
+
+    A backend may offer `migration_lock()` (PostgreSQL: an advisory lock) so instances
+    starting together migrate one after another; even `CREATE TABLE IF NOT EXISTS` races there.
+    """
+    lock = getattr(db, "migration_lock", None)
+    async with lock() if lock is not None else contextlib.nullcontext():
+        return await _migrate(db)
+
+
+async def _migrate(db: Any) -> list[str]:
     await db.execute("CREATE TABLE IF NOT EXISTS schema_migrations (name TEXT PRIMARY KEY, applied_at TEXT NOT NULL)")
     done = {r["name"] for r in await db.fetchall("SELECT name FROM schema_migrations")}
     applied = []
@@ -37,7 +50,7 @@ async def migrate(db: Any) -> list[str]:
                 for statement in _statements(db.translate(sql)):
                     await tx.execute(statement)
                 await tx.execute(
-                    "INSERT INTO schema_migrations (name, applied_at) VALUES (?, CURRENT_TIMESTAMP)", (name,)
+                    "INSERT INTO schema_migrations (name, applied_at) VALUES (?, ?)", (name, iso(time.time()))
                 )
         except Exception:
             rows = await db.fetchall("SELECT name FROM schema_migrations WHERE name = ?", (name,))

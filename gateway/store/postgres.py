@@ -11,7 +11,9 @@ from typing import Any, AsyncIterator, Sequence
 
 import asyncpg
 
-from gateway.store.database import Executor, Params, Row
+from gateway.store.database import Executor, IntegrityError, Params, Row
+
+_MIGRATION_LOCK = 0x6761_7465_7761_79  # "gateway": the advisory lock held while migrating
 
 
 @lru_cache(maxsize=1024)
@@ -38,10 +40,16 @@ class _Connection(Executor):
         self._conn = conn
 
     async def execute(self, sql: str, params: Params = ()) -> int:
-        return _count(await self._conn.execute(_numbered(sql), *params))
+        try:
+            return _count(await self._conn.execute(_numbered(sql), *params))
+        except asyncpg.IntegrityConstraintViolationError as exc:
+            raise IntegrityError(str(exc)) from None
 
     async def executemany(self, sql: str, rows: Sequence[Params]) -> None:
-        await self._conn.executemany(_numbered(sql), [tuple(r) for r in rows])
+        try:
+            await self._conn.executemany(_numbered(sql), [tuple(r) for r in rows])
+        except asyncpg.IntegrityConstraintViolationError as exc:
+            raise IntegrityError(str(exc)) from None
 
     async def fetchone(self, sql: str, params: Params = ()) -> Row | None:
         row = await self._conn.fetchrow(_numbered(sql), *params)
@@ -84,6 +92,16 @@ class PostgresDatabase:
 
     def translate(self, sql: str) -> str:
         return sql.replace("{{AUTOINC}}", "BIGSERIAL PRIMARY KEY")
+
+    @asynccontextmanager
+    async def migration_lock(self) -> AsyncIterator[None]:
+        """Instances starting together migrate one at a time (a session-level advisory lock)."""
+        async with self._pool.acquire() as conn:
+            await conn.execute("SELECT pg_advisory_lock($1)", _MIGRATION_LOCK)
+            try:
+                yield
+            finally:
+                await conn.execute("SELECT pg_advisory_unlock($1)", _MIGRATION_LOCK)
 
     async def close(self) -> None:
         await self._pool.close()

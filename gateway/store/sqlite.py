@@ -7,13 +7,14 @@ transaction's statements contiguous so a concurrent coroutine never lands inside
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import AsyncIterator, Sequence
 
 import aiosqlite
 
-from gateway.store.database import Executor, Params, Row
+from gateway.store.database import Executor, IntegrityError, Params, Row
 
 
 class _Connection(Executor):
@@ -21,13 +22,19 @@ class _Connection(Executor):
         self._conn = conn
 
     async def execute(self, sql: str, params: Params = ()) -> int:
-        cursor = await self._conn.execute(sql, tuple(params))
+        try:
+            cursor = await self._conn.execute(sql, tuple(params))
+        except sqlite3.IntegrityError as exc:
+            raise IntegrityError(str(exc)) from None
         count = cursor.rowcount
         await cursor.close()
         return count
 
     async def executemany(self, sql: str, rows: Sequence[Params]) -> None:
-        await self._conn.executemany(sql, [tuple(r) for r in rows])
+        try:
+            await self._conn.executemany(sql, [tuple(r) for r in rows])
+        except sqlite3.IntegrityError as exc:
+            raise IntegrityError(str(exc)) from None
 
     async def fetchone(self, sql: str, params: Params = ()) -> Row | None:
         async with self._conn.execute(sql, tuple(params)) as cursor:
