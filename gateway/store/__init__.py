@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from gateway.clock import Clock, system_clock
+from gateway.store.account import AccountRepository
 from gateway.store.audit import AuditRepository
 from gateway.store.changes import ChangeFeed
 from gateway.store.database import Database, connect
@@ -24,6 +25,7 @@ class Store:
     changes: ChangeFeed
     state: StateRepository
     audit: AuditRepository
+    account: AccountRepository
     usage: UsageRepository
 
     @classmethod
@@ -36,6 +38,7 @@ class Store:
             changes=ChangeFeed(db),
             state=StateRepository(db, clock),
             audit=AuditRepository(db, clock),
+            account=AccountRepository(db, clock),
             usage=UsageRepository(db, clock),
         )
 
