@@ -41,6 +41,7 @@ from gateway.emulator_state import (
     Generation,
     KeyRecord,
     Plan,
+    StreamRecord,
     key_fields,
     new_id,
     parse_money,
@@ -322,8 +323,20 @@ class EmulatorApp:
 
     async def _stream(self, request: Request, key: KeyRecord, gen: Generation, tokens: list[str], *,
                       chat: bool) -> None:
-        """SSE per OPENROUTER.md §3; a client disconnect records a cancelled generation."""
-        send, state = request.send, self.state
+        """SSE per OPENROUTER.md §3; a client disconnect records a cancelled generation.
+
+        Every body byte is also kept in ``state.last_stream`` (``GET /_emulator/last-stream``)
+        so a test can check that a proxy passed the stream on unchanged.
+        """
+        state = self.state
+        record = state.last_stream = StreamRecord(gen.id)
+
+        async def send(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.body":
+                record.body.extend(message.get("body", b""))
+                record.complete = not message.get("more_body", False)
+            await request.send(message)
+
         base = {"id": gen.id, "provider": gen.model.provider, "model": gen.model.id,
                 "object": "chat.completion.chunk" if chat else "text_completion", "created": int(gen.started)}
 
@@ -521,6 +534,10 @@ class EmulatorApp:
     async def _handle_control(self, request: Request, name: str) -> Any:
         if request.method == "GET" and name == "stats":
             return 200, self.state.stats(), []
+        if request.method == "GET" and name == "last-stream":
+            if self.state.last_stream is None:
+                raise EmulatorError(404, "No streamed response yet")
+            return 200, self.state.last_stream.data(), []
         action = self.control.get(name)
         if request.method != "POST" or action is None:
             raise EmulatorError(404, "Not Found")

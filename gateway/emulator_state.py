@@ -7,6 +7,7 @@ own. Money is ``Decimal`` throughout; nothing here is global, one ``EmulatorStat
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import random
 import secrets
@@ -257,6 +258,19 @@ class Generation:
         }
 
 
+@dataclass(slots=True, eq=False)
+class StreamRecord:
+    """The exact bytes of one streamed response body, so tests can compare what a proxy passed on."""
+
+    generation_id: str
+    body: bytearray = field(default_factory=bytearray)
+    complete: bool = False
+
+    def data(self) -> dict[str, Any]:
+        return {"generation_id": self.generation_id, "complete": self.complete, "length": len(self.body),
+                "base64": base64.b64encode(bytes(self.body)).decode()}
+
+
 @dataclass(slots=True)
 class Plan:
     """One injected misbehaviour, consumed ``times`` times."""
@@ -298,6 +312,7 @@ class EmulatorState:
         self.generation_lookups = 0
         self.requests: dict[str, int] = {}
         self.last_request: tuple[str, dict[str, str], bytes] | None = None
+        self.last_stream: StreamRecord | None = None  # the most recently started streamed response
 
     def reset(self) -> None:
         """Forget failure plans and counters; keys, generations and catalogue stay."""

@@ -249,13 +249,16 @@ class ProxyEndpoint:
         model = body.get("model")
         if model is not None and not isinstance(model, str):
             raise BadRequest("`model` must be a string such as \"openai/gpt-4o-mini\".", param="model")
-        stream = body.get("stream") is True
+        stream = body.get("stream")
+        if stream is not None and not isinstance(stream, bool):
+            # A truthy non-boolean would make OpenRouter stream what we would treat as JSON.
+            raise BadRequest("`stream` must be true or false (a JSON boolean).", param="stream")
         request = ProxyRequest(
             endpoint=self.endpoint,
             body=body,
             raw=raw,
             model=model,
-            stream=stream,
+            stream=stream is True,
             started=started,
             request_id=request_id,
         )

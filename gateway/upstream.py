@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import random
+import time
+from email.utils import parsedate_to_datetime
 from decimal import Decimal
 from typing import Any, AsyncIterator, Awaitable, Callable, Mapping, Protocol
 
@@ -191,6 +194,24 @@ def make_transport(kind: str, *, pool_size: int, connect_timeout_s: float, read_
 # ---------------------------------------------------------------- client
 
 
+def retry_after_seconds(value: str, now: float) -> float | None:
+    """A `Retry-After` header (delta-seconds or an HTTP date) as seconds from `now`; None if unreadable."""
+    value = value.strip()
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            when = parsedate_to_datetime(value)
+        except (TypeError, ValueError):
+            return None
+        if when.tzinfo is None:
+            return None
+        seconds = when.timestamp() - now
+    if not math.isfinite(seconds):
+        return None
+    return max(seconds, 0.0)
+
+
 def parse_json(raw: bytes) -> Any:
     """Upstream JSON with every non-integer number as Decimal: money never passes through float."""
     return json.loads(raw, parse_float=Decimal)
@@ -208,6 +229,7 @@ class UpstreamClient:
         default_headers: Mapping[str, str] | None = None,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         jitter: Callable[[], float] = random.random,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.transport = transport
         self.base_url = base_url.rstrip("/")
@@ -217,14 +239,20 @@ class UpstreamClient:
         self.default_headers = dict(default_headers or {})
         self._sleep = sleep
         self._jitter = jitter
+        self._clock = clock
 
-    def delay(self, attempt: int, retry_after: str | None = None) -> float:
-        """Exponential backoff (1, 2, 4 … s, capped) with up to 25% jitter; Retry-After wins when given."""
+    def delay(self, attempt: int, retry_after: str | None = None) -> float | None:
+        """How long to wait before retry `attempt + 1`, or None to stop retrying.
+
+        Exponential backoff (base × 1, 2, 4 …, capped at `backoff_max_s`) plus up to 25%
+        jitter, still capped. A `Retry-After` (seconds or an HTTP date) wins when given; one
+        asking for longer than `backoff_max_s` ends the retries, so the caller gets the
+        response and its `Retry-After` rather than a request held open only to fail again.
+        """
         if retry_after:
-            try:
-                return min(max(float(retry_after), 0.0), self.backoff_max_s)
-            except ValueError:
-                pass
+            wait = retry_after_seconds(retry_after, self._clock())
+            if wait is not None:
+                return wait if wait <= self.backoff_max_s else None
         base = min(self.backoff_base_s * (2**attempt), self.backoff_max_s)
         return min(base * (1 + 0.25 * self._jitter()), self.backoff_max_s)
 
@@ -249,15 +277,16 @@ class UpstreamClient:
             except UpstreamConnectionError:
                 if attempt >= retries:
                     raise
-                await self._sleep(self.delay(attempt))
+                await self._sleep(self.delay(attempt) or 0.0)
                 attempt += 1
                 continue
             if response.status in RETRYABLE_STATUSES and attempt < retries:
                 wait = self.delay(attempt, header(response, "retry-after"))
-                await response.close()
-                await self._sleep(wait)
-                attempt += 1
-                continue
+                if wait is not None:
+                    await response.close()
+                    await self._sleep(wait)
+                    attempt += 1
+                    continue
             return response
 
     async def call(
