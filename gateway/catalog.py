@@ -1,16 +1,23 @@
 """The model catalogue from a TTL cache: one upstream fetch per `models.cache_ttl_s` for everyone.
 
-Concurrent misses share one fetch; a failed refresh keeps serving the stale list (and says
-so). The same prices feed budget estimates and the free-model markup rule. Lookups on
-the request path (`price`, `is_free`) never wait on the upstream: a cold cache starts a
-background refresh and answers from what it has.
+Why a cache: OpenRouter's list is the same for every user and changes rarely, while
+clients (the Python SDK pages it on every `models.list()`) ask often. Guarantees:
+
+- Concurrent misses share one fetch.
+- A failed refresh keeps serving the last list, marked stale, and the upstream is not
+  asked again until a back-off (5 s doubling, at most `min(ttl, 5 min)`) has passed, so an
+  outage does not turn every catalogue read into an upstream call.
+- The lookups used on the request path (`price`, `is_free`) never wait on the upstream:
+  a cold cache starts a background refresh and answers from what it has.
+- The fetch asks for every output modality (`output_modalities=all`) so embedding models
+  have prices too; `/v1/models` filters like OpenRouter (default `text`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
@@ -19,6 +26,11 @@ from gateway.upstream import UpstreamClient, UpstreamConnectionError
 
 log = logging.getLogger("gateway.catalog")
 FREE_SUFFIX = ":free"
+FETCH_PATH = "/models?output_modalities=all"
+DEFAULT_PAGE_SIZE = 500  # OpenRouter's default `limit` once paging is asked for
+MAX_PAGE_SIZE = 1000
+BACKOFF_FIRST_S = 5.0
+BACKOFF_MAX_S = 300.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,10 +55,50 @@ class Snapshot:
     fetched_at: float
     stale: bool = False
     error: str | None = None
+    free: list[str] = field(default_factory=list)
+    _views: dict[str, list[dict[str, Any]]] = field(default_factory=dict, compare=False, repr=False)
+
+    def rows(self, output_modalities: str | None = None) -> list[dict[str, Any]]:
+        """The models whose output modalities match (OpenRouter's filter: default `text`, `all` = every one)."""
+        key = (output_modalities or "text").strip().lower() or "text"
+        view = self._views.get(key)
+        if view is None:
+            wanted = {m.strip() for m in key.split(",") if m.strip()}
+            view = self.models if "all" in wanted else [m for m in self.models if wanted & _outputs(m)]
+            self._views[key] = view
+        return view
+
+
+def _outputs(model: dict[str, Any]) -> set[str]:
+    architecture = model.get("architecture")
+    outputs = architecture.get("output_modalities") if isinstance(architecture, dict) else None
+    if not isinstance(outputs, list):
+        return {"text"}  # no modality data: OpenRouter's default list is text models
+    return {o for o in outputs if isinstance(o, str)}
+
+
+def page(rows: list[Any], offset: int | None, limit: int | None) -> tuple[list[Any], int | None]:
+    """One page of `rows` and the offset of the next one (None when this page reaches the end).
+
+    As OpenRouter pages (OPENROUTER.md §5.1): with neither parameter the whole list; with
+    either, `offset` defaults to 0 and `limit` to 500. The Python SDK sends
+    `offset=0&limit=500` and keeps going while pages come back full.
+    """
+    if offset is None and limit is None:
+        return rows, None
+    start = offset or 0
+    size = limit or DEFAULT_PAGE_SIZE
+    end = start + size
+    return rows[start:end], (end if end < len(rows) else None)
+
+
+def is_free_model(model_id: str, price: ModelPrice | None) -> bool:
+    """Free = a `:free` variant, or zero pricing in the catalogue."""
+    return model_id.endswith(FREE_SUFFIX) or (price is not None and price.free)
 
 
 def _decimal(value: Any) -> Decimal | None:
-    if value is None:
+    if value is None or isinstance(value, bool):
         return None
     try:
         result = Decimal(str(value))
@@ -65,16 +117,33 @@ def _price(model: dict[str, Any]) -> ModelPrice | None:
     return ModelPrice(prompt, completion, _decimal(pricing.get("request")) or Decimal(0))
 
 
+def build_snapshot(data: list[Any], fetched_at: float) -> Snapshot:
+    models = [m for m in data if isinstance(m, dict) and isinstance(m.get("id"), str)]
+    prices = {m["id"]: p for m in models if (p := _price(m)) is not None}
+    free = [m["id"] for m in models if is_free_model(m["id"], prices.get(m["id"]))]
+    return Snapshot(models, prices, fetched_at, free=free)
+
+
 class Catalog:
     def __init__(
-        self, upstream: UpstreamClient, *, ttl_s: float, key: str | None = None, clock: Clock = system_clock
+        self,
+        upstream: UpstreamClient,
+        *,
+        ttl_s: float,
+        key: str | None = None,
+        clock: Clock = system_clock,
+        fetch_timeout_s: float = 30.0,
     ) -> None:
         self._upstream = upstream
         self._ttl_s = ttl_s
         self._key = key or ""
         self._clock = clock
+        self._fetch_timeout_s = fetch_timeout_s
         self._snapshot: Snapshot | None = None
         self._refreshing: asyncio.Task[Snapshot] | None = None
+        self._failures = 0
+        self._retry_at = 0.0
+        self._last_error = ""
         self.fetches = 0
 
     @property
@@ -86,37 +155,63 @@ class Catalog:
             self._clock() - self._snapshot.fetched_at < self._ttl_s
         )
 
+    def _backing_off(self) -> bool:
+        return self._failures > 0 and self._clock() < self._retry_at
+
     async def get(self) -> Snapshot:
-        """The catalogue, fetching it if expired; concurrent callers share the fetch."""
+        """The catalogue, fetching it if expired; concurrent callers share the fetch.
+
+        During an outage this answers the stale snapshot (or raises CatalogUnavailable
+        when there never was one) without asking the upstream until the back-off ends.
+        """
         if self._fresh():
             return self._snapshot  # type: ignore[return-value]
         if self._refreshing is None or self._refreshing.done():
+            if self._backing_off():
+                if self._snapshot is None:
+                    raise CatalogUnavailable(f"the model catalogue is unavailable: {self._last_error}")
+                return self._snapshot
             self._refreshing = asyncio.create_task(self._refresh())
         return await asyncio.shield(self._refreshing)
 
     def warm(self) -> None:
         """Start a refresh in the background if the cache is cold or expired (request path)."""
-        if not self._fresh() and (self._refreshing is None or self._refreshing.done()):
-            self._refreshing = asyncio.create_task(self._refresh())
-            self._refreshing.add_done_callback(lambda t: t.cancelled() or t.exception())
+        if self._fresh() or self._backing_off() or (self._refreshing is not None and not self._refreshing.done()):
+            return
+        try:
+            self._refreshing = asyncio.get_running_loop().create_task(self._refresh())
+        except RuntimeError:
+            return  # no event loop (a synchronous caller): nothing to warm with
+        self._refreshing.add_done_callback(lambda t: t.cancelled() or t.exception())
 
     async def _refresh(self) -> Snapshot:
         self.fetches += 1
         try:
-            status, body = await self._upstream.call("GET", "/models", key=self._key)
+            # With a list to fall back on, fail fast (no retries, bounded wait): the caller
+            # gets the stale list at once and the back-off decides when to try again.
+            status, body = await asyncio.wait_for(
+                self._upstream.call("GET", FETCH_PATH, key=self._key, retry=self._snapshot is None),
+                self._fetch_timeout_s,
+            )
             if status != 200 or not isinstance(body, dict) or not isinstance(body.get("data"), list):
                 raise CatalogUnavailable(f"OpenRouter answered HTTP {status} for the model list")
-        except (UpstreamConnectionError, CatalogUnavailable) as exc:
-            log.warning("model catalogue refresh failed: %s", exc)
-            if self._snapshot is None:
-                raise CatalogUnavailable(f"the model catalogue is unavailable: {exc}") from None
-            self._snapshot = Snapshot(
-                self._snapshot.models, self._snapshot.prices, self._snapshot.fetched_at, stale=True, error=str(exc)
-            )
-            return self._snapshot
-        models = [m for m in body["data"] if isinstance(m, dict) and isinstance(m.get("id"), str)]
-        prices = {m["id"]: p for m in models if (p := _price(m)) is not None}
-        self._snapshot = Snapshot(models, prices, self._clock())
+        except (UpstreamConnectionError, CatalogUnavailable, asyncio.TimeoutError) as exc:
+            return self._failed(str(exc) or type(exc).__name__)
+        self._failures = 0
+        self._snapshot = build_snapshot(body["data"], self._clock())
+        return self._snapshot
+
+    def _failed(self, error: str) -> Snapshot:
+        self._failures += 1
+        backoff = min(BACKOFF_FIRST_S * 2 ** (self._failures - 1), max(min(self._ttl_s, BACKOFF_MAX_S), BACKOFF_FIRST_S))
+        self._retry_at = self._clock() + backoff
+        self._last_error = error
+        log.warning("model catalogue refresh failed (%s); next attempt in %.0f s", error, backoff)
+        if self._snapshot is None:
+            raise CatalogUnavailable(f"the model catalogue is unavailable: {error}") from None
+        old = self._snapshot
+        self._snapshot = Snapshot(old.models, old.prices, old.fetched_at, stale=True, error=error, free=old.free,
+                                  _views=old._views)
         return self._snapshot
 
     def price(self, model: str | None) -> ModelPrice | None:
@@ -132,5 +227,4 @@ class Catalog:
             return False
         if model.endswith(FREE_SUFFIX):
             return True
-        price = self.price(model)
-        return price is not None and price.free
+        return is_free_model(model, self.price(model))
