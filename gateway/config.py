@@ -231,7 +231,11 @@ def load_config(path: str | os.PathLike[str] | None = None, environ: dict[str, s
         if not isinstance(loaded, dict):
             raise ConfigError(f"{file}: the top level must be a mapping of sections")
         raw = _expand(loaded, "", environ)
-    raw = _merge(raw, _env_overrides(environ))
+    overrides = _env_overrides(environ)
+    if "tiers" in overrides and "tiers" not in raw:
+        # GATEWAY_TIERS__TRIAL__X changes one key of the default tiers, it does not replace them all.
+        raw["tiers"] = {name: tier.model_dump(mode="json") for name, tier in _default_tiers().items()}
+    raw = _merge(raw, overrides)
     try:
         return Config.model_validate(raw)
     except ValidationError as exc:
