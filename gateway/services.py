@@ -14,4 +14,6 @@ if TYPE_CHECKING:
 
 
 async def install_services(gateway: "Gateway") -> None:
-    return None
+    from gateway.accounting import install_accounting
+
+    await install_accounting(gateway)  # first: others (limits) register ledger listeners

@@ -82,8 +82,11 @@ _INSERT = (
     " ON CONFLICT (generation_id) DO NOTHING"
 )
 _SETTLE = (
-    "UPDATE usage_records SET provider_cost = ?, markup = ?, total_cost = ?, settled_at = ?, settle_status = ?,"
-    " settle_attempts = ?, next_attempt_at = ?, upstream = ? WHERE generation_id = ?"
+    "UPDATE usage_records SET provider_cost = ?, markup = ?, total_cost = ?, markup_reason = ?, settled_at = ?,"
+    " settle_status = ?, settle_attempts = ?, next_attempt_at = ?, upstream = ?,"
+    " prompt_tokens = COALESCE(?, prompt_tokens), completion_tokens = COALESCE(?, completion_tokens),"
+    " reasoning_tokens = COALESCE(?, reasoning_tokens), cached_tokens = COALESCE(?, cached_tokens)"
+    " WHERE generation_id = ?"
 )
 
 
@@ -95,24 +98,41 @@ class Settlement:
     provider_cost: Decimal
     markup: Decimal
     total_cost: Decimal
+    markup_reason: str
     settle_status: str
     settle_attempts: int
     settled_at: str | None = None
     next_attempt_at: str | None = None
     upstream: str | None = None
+    # (prompt, completion, reasoning, cached) from the authoritative record; None keeps ours
+    tokens: tuple[int | None, int | None, int | None, int | None] = (None, None, None, None)
 
     def as_params(self) -> tuple[Any, ...]:
         return (
             format(self.provider_cost, "f"),
             format(self.markup, "f"),
             format(self.total_cost, "f"),
+            self.markup_reason,
             self.settled_at,
             self.settle_status,
             self.settle_attempts,
             self.next_attempt_at,
             self.upstream,
+            *self.tokens,
             self.generation_id,
         )
+
+    def apply_to(self, record: UsageRecord) -> None:
+        """The same change on a record still held in memory (not yet written)."""
+        record.provider_cost, record.markup, record.total_cost = self.provider_cost, self.markup, self.total_cost
+        record.markup_reason, record.settle_status = self.markup_reason, self.settle_status
+        record.settle_attempts, record.settled_at = self.settle_attempts, self.settled_at
+        record.next_attempt_at, record.upstream = self.next_attempt_at, self.upstream
+        prompt, completion, reasoning, cached = self.tokens
+        record.prompt_tokens = record.prompt_tokens if prompt is None else prompt
+        record.completion_tokens = record.completion_tokens if completion is None else completion
+        record.reasoning_tokens = record.reasoning_tokens if reasoning is None else reasoning
+        record.cached_tokens = record.cached_tokens if cached is None else cached
 
 
 def _to_db(value: Any) -> Any:
