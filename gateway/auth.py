@@ -21,6 +21,7 @@ from cachetools import LRUCache, TTLCache
 from gateway.clock import Clock, parse_iso, system_clock
 from gateway.errors import Unauthorized
 from gateway.store import Store
+from gateway.store.changes import WINDOW as FEED_WINDOW
 from gateway.store.tokens import hash_token
 from gateway.vault import Vault, VaultError
 
@@ -75,6 +76,7 @@ class Authenticator:
         self._by_user: dict[str, set[str]] = {}
         self._by_token: dict[str, str] = {}
         self._last_seq = 0
+        self._applied: set[int] = set()  # sequence numbers inside the re-read window already applied
         self.poll_interval_s = poll_interval_s
         self.last_used: dict[str, float] = {}
         self._user_listeners: list[Callable[[str], None]] = []
@@ -187,19 +189,34 @@ class Authenticator:
 
     async def start_feed(self) -> None:
         self._last_seq = await self._store.changes.latest()
+        self._applied = {int(row["seq"]) for row in await self._store.changes.since(self._last_seq)}
 
     async def poll_changes(self) -> int:
-        """Apply the change feed once; returns how many changes were applied."""
+        """Apply the change feed once; returns how many changes were applied.
+
+        The feed re-reads a window below the last sequence number (PostgreSQL may commit
+        sequences out of order); changes already applied are skipped, so a poll does not
+        drop the same users' cache entries over and over.
+        """
         rows = await self._store.changes.since(self._last_seq)
+        applied = 0
         for row in rows:
+            seq = int(row["seq"])
+            if seq in self._applied:
+                continue
             if row["kind"] == "token":
                 self.forget_token(row["subject"])
             elif row["kind"] == "user":
                 self.forget_user(row["subject"])
             elif row["kind"] == "all":
                 self.forget_all()
-            self._last_seq = max(self._last_seq, int(row["seq"]))
-        return len(rows)
+            self._applied.add(seq)
+            self._last_seq = max(self._last_seq, seq)
+            applied += 1
+        if applied:
+            floor = self._last_seq - FEED_WINDOW
+            self._applied = {seq for seq in self._applied if seq > floor}
+        return applied
 
     def take_last_used(self) -> dict[str, float]:
         used, self.last_used = self.last_used, {}

@@ -9,6 +9,8 @@ from __future__ import annotations
 from gateway.clock import iso
 from gateway.store.database import Database, Executor, Row
 
+WINDOW = 64  # changes re-read below the caller's last sequence number
+
 
 async def publish(tx: Executor, kind: str, subject: str, now: float) -> None:
     await tx.execute("INSERT INTO changes (kind, subject, created_at) VALUES (?, ?, ?)", (kind, subject, iso(now)))
@@ -25,7 +27,7 @@ class ChangeFeed:
     async def since(self, seq: int) -> list[Row]:
         # Re-read a small window below `seq`: PostgreSQL sequences may commit out of order.
         return await self._db.fetchall(
-            "SELECT seq, kind, subject FROM changes WHERE seq > ? ORDER BY seq", (max(0, seq - 64),)
+            "SELECT seq, kind, subject FROM changes WHERE seq > ? ORDER BY seq", (max(0, seq - WINDOW),)
         )
 
     async def prune(self, before_iso: str) -> None:
