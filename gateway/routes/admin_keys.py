@@ -2,6 +2,42 @@
 
 from __future__ import annotations
 
-from starlette.routing import BaseRoute
+from typing import Any
 
-routes: list[BaseRoute] = []
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import BaseRoute, Route
+
+from gateway.routes.common import gateway_of, json_body, json_response, only_fields
+
+PREFIX = "/admin/v1"
+
+
+def _provisioner(request: Request) -> Any:
+    gateway = gateway_of(request)
+    gateway.admin.check(request.headers.get("authorization"))
+    return gateway.provisioning
+
+
+async def managed_key(request: Request) -> Response:
+    provisioner = _provisioner(request)
+    user_id = request.path_params["user_id"]
+    empty = request.method == "POST" and not request.headers.get("content-type") and not await request.body()
+    body = {} if empty else await json_body(request)  # POST's body is optional: {} = the tier's default limit
+    if request.method == "POST":
+        only_fields(body, ("limit_usd",))
+        described = await provisioner.provision(user_id, actor="admin", **body)
+        return json_response(described, status=201)
+    only_fields(body, ("limit_usd", "disabled"))
+    return json_response(await provisioner.update(user_id, body, actor="admin"))
+
+
+async def rotate_managed_key(request: Request) -> Response:
+    provisioner = _provisioner(request)
+    return json_response(await provisioner.rotate(request.path_params["user_id"], actor="admin"))
+
+
+routes: list[BaseRoute] = [
+    Route(PREFIX + "/users/{user_id}/managed-key", managed_key, methods=["POST", "PATCH"]),
+    Route(PREFIX + "/users/{user_id}/managed-key/rotate", rotate_managed_key, methods=["POST"]),
+]
