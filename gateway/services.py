@@ -17,3 +17,6 @@ async def install_services(gateway: "Gateway") -> None:
     from gateway.accounting import install_accounting
 
     await install_accounting(gateway)  # first: others (limits) register ledger listeners
+    from gateway.provisioning import install_provisioning
+
+    await install_provisioning(gateway)
