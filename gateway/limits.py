@@ -1,0 +1,423 @@
+"""Rate limits, token limits and budgets with reservations: the proxy's `Admission` hook.
+
+Checks run cheapest first, after the proxy's own (stop → suspended → no key): requests
+per minute / hour and max concurrent (429), tokens per hour (429), then the daily and
+monthly budget (402). A refusal writes nothing and says which limit, its value and when
+it frees up.
+
+Budgets hold under concurrency because every admitted paid request reserves its
+estimated charge (prompt size and `max_tokens` at catalogue prices, plus the tier
+markup) before it is forwarded, and a request is admitted only while
+`spent + reserved < budget`. The reservation is swapped for the real charge when the
+outcome is known, so N concurrent requests against a nearly spent budget overrun it by
+at most the last admitted request's cost. Free models reserve nothing but count against
+the request, concurrency and token limits.
+
+Counters live off the database: in memory for one instance (`MemoryCounters`), in Redis
+with `redis.url` set (`RedisCounters`, one Lua script per admission, so limits hold
+across instances without read-modify-write races). Spend is loaded once at start-up
+(`store.usage.spend_since`) and then kept up to date from the ledger's listeners.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import secrets
+from dataclasses import dataclass, field
+from decimal import Decimal, InvalidOperation
+from typing import TYPE_CHECKING, Any, Protocol
+
+from gateway.auth import Principal
+from gateway.catalog import ModelPrice
+from gateway.clock import Clock, iso, system_clock
+from gateway.config import Config, TierConfig
+from gateway.errors import PaymentRequired, RateLimited
+from gateway.money import ZERO, charged, to_decimal
+from gateway.proxy import ProxyRequest
+from gateway.sse import Observation
+from gateway.windows import PERIODS, SlidingWindow, expiry, frees_at, period_end, period_start
+
+if TYPE_CHECKING:
+    from gateway.app import Gateway
+
+log = logging.getLogger("gateway.limits")
+
+MINUTE, HOUR = 60.0, 3600.0
+MINUTE_BUCKET_S, HOUR_BUCKET_S = SlidingWindow(MINUTE).bucket_s, SlidingWindow(HOUR).bucket_s
+REQUEST_LIMITS = ("requests_per_minute", "requests_per_hour", "max_concurrent")
+BUDGETS = {"daily_budget_usd": "day", "monthly_budget_usd": "month"}
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """One user's limits: the tier's, with the admin's per-user overrides on top (None = unlimited)."""
+
+    requests_per_minute: int | None = None
+    requests_per_hour: int | None = None
+    max_concurrent: int | None = None
+    tokens_per_hour: int | None = None
+    daily_budget_usd: Decimal | None = None
+    monthly_budget_usd: Decimal | None = None
+
+    @classmethod
+    def of(cls, tier: TierConfig, overrides: dict[str, Any] | None = None) -> "Limits":
+        values: dict[str, Any] = {name: getattr(tier, name) for name in cls.__slots__}
+        for name, value in (overrides or {}).items():
+            if name not in values or value is None:
+                continue
+            if name.endswith("_usd"):
+                try:
+                    values[name] = Decimal(str(value))
+                except InvalidOperation:
+                    log.warning("ignoring unreadable override %s=%r", name, value)
+            elif isinstance(value, int) and not isinstance(value, bool):
+                values[name] = value
+        return cls(**values)
+
+
+@dataclass(slots=True)
+class Snapshot:
+    """A user's counters at one moment, as either backend reads them (money in Decimal)."""
+
+    minute: dict[int, int] = field(default_factory=dict)  # bucket → requests
+    hour: dict[int, int] = field(default_factory=dict)  # bucket → requests
+    tokens: dict[int, int] = field(default_factory=dict)  # bucket → tokens
+    inflight: int = 0
+    reserved: Decimal = ZERO
+    spend: dict[str, Decimal] = field(default_factory=dict)  # "day"/"week"/"month"/"all" → charged
+
+    def used(self, name: str) -> int | Decimal:
+        if name == "requests_per_minute":
+            return sum(self.minute.values())
+        if name == "requests_per_hour":
+            return sum(self.hour.values())
+        if name == "max_concurrent":
+            return self.inflight
+        if name == "tokens_per_hour":
+            return sum(self.tokens.values())
+        return self.spend.get(BUDGETS[name], ZERO) + self.reserved
+
+
+def first_refusal(limits: Limits, snapshot: Snapshot, *, free: bool) -> str | None:
+    """The name of the first limit (in check order) that refuses one more request, or None.
+
+    The Redis Lua script (`limits_redis.ADMIT`) applies exactly these rules.
+    """
+    for name in (*REQUEST_LIMITS, "tokens_per_hour"):
+        value = getattr(limits, name)
+        if value is not None and snapshot.used(name) >= value:
+            return name
+    if not free:
+        for name in BUDGETS:
+            value = getattr(limits, name)
+            if value is not None and snapshot.used(name) >= value:
+                return name
+    return None
+
+
+def frees_up_at(name: str, limits: Limits, snapshot: Snapshot, now: float) -> float:
+    """When the named limit lets a request through again (as far as can be known now)."""
+    value = getattr(limits, name)
+    if name == "requests_per_minute":
+        return frees_at(snapshot.minute, MINUTE_BUCKET_S, value, now)
+    if name == "requests_per_hour":
+        return frees_at(snapshot.hour, HOUR_BUCKET_S, value, now)
+    if name == "tokens_per_hour":
+        return frees_at(snapshot.tokens, HOUR_BUCKET_S, value, now)
+    if name == "max_concurrent":
+        return now + 1  # a request in flight may end any moment
+    return period_end(BUDGETS[name], now).timestamp()
+
+
+class Counters(Protocol):
+    """Where the counters live: this process's memory, or Redis shared by every instance."""
+
+    async def acquire(
+        self, user_id: str, ticket_id: str, limits: Limits, reserve: Decimal, free: bool, now: float
+    ) -> tuple[str | None, Snapshot]:
+        """Atomically: refuse (the limit's name) or count the request and hold its reservation.
+
+        Returns the snapshot as it was before this request was counted."""
+
+    def finish(self, user_id: str, ticket_id: str, now: float) -> None:
+        """The request is over: it no longer counts as in flight and its reservation is dropped."""
+
+    def spend(self, user_id: str, at: float, amount: Decimal, tokens: int, now: float) -> None:
+        """Add a charge (made by a request started at `at`) and tokens used now."""
+
+    async def snapshot(self, user_id: str, now: float) -> Snapshot: ...
+
+    async def seed(self, spend: dict[str, dict[str, Decimal]], now: float) -> None:
+        """Spend per period ("day", "week", "month", "all") per user, from the database at start-up."""
+
+    async def close(self) -> None: ...
+
+
+class LimitTicket:
+    """An admitted request's hold on its limits: X-RateLimit-* headers and one release."""
+
+    __slots__ = ("headers", "_limiter", "_principal", "_id", "_free", "_released")
+
+    def __init__(self, limiter: "Limiter", principal: Principal, ticket_id: str, free: bool,
+                 headers: list[tuple[bytes, bytes]]) -> None:
+        self.headers = headers
+        self._limiter = limiter
+        self._principal = principal
+        self._id = ticket_id
+        self._free = free
+        self._released = False
+
+    def release(self, observation: Observation | None) -> None:
+        if self._released:
+            return
+        self._released = True
+        self._limiter.settle(self._principal, self._id, self._free, observation)
+
+
+class Limiter:
+    """The `Admission` the proxy calls; never touches the database on the request path."""
+
+    def __init__(self, config: Config, counters: Counters, catalog: Any, *, clock: Clock = system_clock) -> None:
+        self.config = config
+        self.counters = counters
+        self.catalog = catalog
+        self.clock = clock
+        self.default_estimate = config.accounting.default_estimate_usd
+        self.ledger_attached = False  # the ledger's listeners then count spend and tokens
+
+    def limits_of(self, principal: Principal) -> Limits:
+        return Limits.of(self.config.tier(principal.tier), principal.overrides)
+
+    def is_free(self, request: ProxyRequest) -> bool:
+        models = [request.model, *_fallback_models(request.body)]
+        return request.model is not None and all(self.catalog.is_free(m) for m in models)
+
+    def estimate(self, principal: Principal, request: ProxyRequest) -> Decimal:
+        """What the request may charge at most (as far as the catalogue tells), markup included."""
+        prices = [self.catalog.price(m) for m in (request.model, *_fallback_models(request.body))]
+        cost = max(
+            (estimate_cost(p, request.body, self.default_estimate) for p in prices), default=self.default_estimate
+        )
+        return charged(cost, self.config.tier(principal.tier), free=False)
+
+    async def admit(self, principal: Principal, request: ProxyRequest) -> LimitTicket:
+        limits = self.limits_of(principal)
+        free = self.is_free(request)
+        reserve = ZERO if free else self.estimate(principal, request)
+        now = self.clock()
+        ticket_id = secrets.token_hex(8)
+        refused, snapshot = await self.counters.acquire(principal.user_id, ticket_id, limits, reserve, free, now)
+        if refused is not None:
+            raise refusal(refused, limits, snapshot, now)
+        return LimitTicket(self, principal, ticket_id, free, success_headers(limits, snapshot, now))
+
+    def settle(self, principal: Principal, ticket_id: str, free: bool, observation: Observation | None) -> None:
+        """Drop the reservation; without the ledger, also count the real charge and tokens here."""
+        now = self.clock()
+        try:
+            self.counters.finish(principal.user_id, ticket_id, now)
+            if observation is None or self.ledger_attached or observation.usage is None:
+                return
+            usage = observation.usage
+            cost = to_decimal(usage.get("cost")) or ZERO
+            amount = charged(cost, self.config.tier(principal.tier), free=free) if cost > 0 else ZERO
+            self.counters.spend(principal.user_id, now, amount, usage_tokens(usage), now)
+        except Exception:
+            log.exception("settling the limits of user %s failed", principal.user_id)
+
+    # -- the ledger's listeners (accounting.py) --------------------------------
+
+    def on_recorded(self, user_id: str, created_at: float, total: Decimal, tokens: int) -> None:
+        self.counters.spend(user_id, created_at, total, tokens, self.clock())
+
+    def on_total_changed(self, user_id: str, created_at: float, old: Decimal, new: Decimal) -> None:
+        if new != old:
+            self.counters.spend(user_id, created_at, new - old, 0, self.clock())
+
+    # -- reading back ------------------------------------------------------------
+
+    async def standing(self, principal: Principal) -> tuple[Limits, Snapshot, float]:
+        now = self.clock()
+        return self.limits_of(principal), await self.counters.snapshot(principal.user_id, now), now
+
+    async def load_spend(self, usage_repository: Any) -> None:
+        """One query per period for every user at start-up; after that, memory only."""
+        now = self.clock()
+        spend: dict[str, dict[str, Decimal]] = {}
+        for period in PERIODS:
+            spend[period] = await usage_repository.spend_since(iso(period_start(period, now).timestamp()))
+        spend["all"] = await usage_repository.spend_since(iso(0))
+        await self.counters.seed(spend, now)
+
+
+# -- estimates ---------------------------------------------------------------------
+
+
+def _fallback_models(body: dict[str, Any]) -> list[str]:
+    models = body.get("models")
+    return [m for m in models if isinstance(m, str)] if isinstance(models, list) else []
+
+
+def _text_chars(value: Any) -> int:
+    if isinstance(value, str):
+        return len(value)
+    if isinstance(value, list):
+        return sum(_text_chars(v) for v in value)
+    if isinstance(value, dict):
+        return _text_chars(value.get("text")) + _text_chars(value.get("content"))
+    return 0
+
+
+def prompt_tokens_bound(body: dict[str, Any]) -> int:
+    """A generous token count for the prompt: one token per three characters of text.
+
+    Tokenizers average about four characters a token in English; three leaves room for
+    code and other scripts. Over-estimating only holds a little more budget in flight."""
+    chars = _text_chars(body.get("messages")) + _text_chars(body.get("prompt")) + _text_chars(body.get("input"))
+    return chars // 3 + 1
+
+
+def completion_tokens_cap(body: dict[str, Any]) -> int | None:
+    for name in ("max_tokens", "max_completion_tokens", "max_output_tokens"):
+        value = body.get(name)
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+            return value
+    return None
+
+
+def estimate_cost(price: ModelPrice | None, body: dict[str, Any], default: Decimal) -> Decimal:
+    """Provider cost bound: prompt at the prompt price plus `max_tokens` at the completion price.
+
+    With no price (unknown model, cold catalogue) the configured default stands in; with no
+    `max_tokens` the default stands in for the completion."""
+    if price is None:
+        return default
+    cost = price.request + prompt_tokens_bound(body) * price.prompt
+    cap = completion_tokens_cap(body)
+    return cost + (cap * price.completion if cap is not None else default)
+
+
+def usage_tokens(usage: dict[str, Any]) -> int:
+    total = 0
+    for name in ("prompt_tokens", "completion_tokens"):
+        value = usage.get(name)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            total += value
+    return total
+
+
+# -- responses ------------------------------------------------------------------------
+
+
+def _epoch_ms(ts: float) -> bytes:
+    return str(int(math.ceil(ts * 1000))).encode()
+
+
+def success_headers(limits: Limits, before: Snapshot, now: float) -> list[tuple[bytes, bytes]]:
+    """X-RateLimit-* for the tighter of the request windows, counting this request."""
+    best: tuple[int, int, float] | None = None
+    for name, buckets, bucket_s in (
+        ("requests_per_minute", before.minute, MINUTE_BUCKET_S),
+        ("requests_per_hour", before.hour, HOUR_BUCKET_S),
+    ):
+        value = getattr(limits, name)
+        if value is None:
+            continue
+        remaining = max(value - sum(buckets.values()) - 1, 0)
+        oldest = min(buckets) if buckets else int(now // bucket_s)
+        if best is None or remaining < best[1]:
+            best = (value, remaining, expiry(oldest, bucket_s))
+    if best is None:
+        return []
+    return [
+        (b"x-ratelimit-limit", str(best[0]).encode()),
+        (b"x-ratelimit-remaining", str(best[1]).encode()),
+        (b"x-ratelimit-reset", _epoch_ms(best[2])),
+    ]
+
+
+def _money(amount: Decimal) -> str:
+    return f"${amount.normalize():f}" if amount == amount.to_integral() else f"${amount:f}"
+
+
+def refusal(name: str, limits: Limits, snapshot: Snapshot, now: float) -> RateLimited | PaymentRequired:
+    """The error for a refused request: which limit, its value, what is used, when it frees up."""
+    value = getattr(limits, name)
+    used = snapshot.used(name)
+    at = frees_up_at(name, limits, snapshot, now)
+    wait = max(1, math.ceil(at - now))
+    metadata = {
+        "error_type": "budget_exceeded" if name in BUDGETS else "rate_limit_exceeded",
+        "limit": name,
+        "value": str(value),
+        "used": str(used),
+        "resets_at": iso(at),
+    }
+    if name in BUDGETS:
+        period = "day" if name == "daily_budget_usd" else "month"
+        in_flight = f" ({_money(snapshot.reserved)} of it held by requests in flight)" if snapshot.reserved else ""
+        return PaymentRequired(
+            f"Your {'daily' if period == 'day' else 'monthly'} budget is spent: {name} is {_money(value)} and "
+            f"{_money(used)} is used{in_flight}. It resets at {iso(at)} (start of the next UTC {period}); "
+            "ask your admin to raise it, or use a free model (`:free`).",
+            param=name,
+            metadata=metadata,
+        )
+    what = {
+        "requests_per_minute": f"{used} requests in the last minute",
+        "requests_per_hour": f"{used} requests in the last hour",
+        "max_concurrent": f"{used} requests in flight",
+        "tokens_per_hour": f"{used} tokens in the last hour",
+    }[name]
+    headers = {
+        "retry-after": str(wait),
+        "x-ratelimit-limit": str(value),
+        "x-ratelimit-remaining": "0",
+        "x-ratelimit-reset": _epoch_ms(at).decode(),
+    }
+    return RateLimited(
+        f"Rate limit reached: {name} is {value} for your account ({what}). "
+        f"It frees up at {iso(at)} (in {wait} s); retry after that.",
+        param=name,
+        headers=headers,
+        metadata=metadata,
+    )
+
+
+# -- installation -----------------------------------------------------------------------
+
+
+async def install_limits(gateway: "Gateway") -> Limiter:
+    """Build the limiter over memory or Redis, load spend, hook into the ledger and the proxy."""
+    config = gateway.config
+    if config.redis.url:
+        from gateway.limits_redis import RedisCounters
+
+        counters: Counters = await RedisCounters.connect(config.redis.url, lease_s=config.server.request_timeout_s + 60)
+    else:
+        from gateway.limits_memory import MemoryCounters
+
+        counters = MemoryCounters()
+    limiter = Limiter(config, counters, gateway.catalog, clock=gateway.clock)
+    store = gateway.store
+    if hasattr(store, "usage"):
+        await limiter.load_spend(store.usage)
+    attach_ledger(limiter, getattr(gateway, "ledger", None))
+    gateway.catalog.warm()
+    gateway.admission = limiter
+    gateway.limiter = limiter  # type: ignore[attr-defined]
+    gateway.on_shutdown(counters.close)
+    return limiter
+
+
+def attach_ledger(limiter: Limiter, ledger: Any) -> None:
+    """Count spend and tokens from the ledger's records (exactly what accounting records)."""
+    if ledger is None or limiter.ledger_attached:
+        return
+    ledger.on_recorded(limiter.on_recorded)
+    ledger.on_total_changed(limiter.on_total_changed)
+    limiter.ledger_attached = True
+
+
+__all__ = ["Limiter", "Limits", "Snapshot", "install_limits"]

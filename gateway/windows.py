@@ -1,0 +1,109 @@
+"""Time windows for limits: sliding request/token windows and calendar budget periods.
+
+Rate windows slide, so "60 a minute" means at most 60 in any minute, not 120 across a
+minute boundary, and a test that sends N requests sees the (N+1)th refused no matter
+when it runs. They are kept as a short row of buckets (60 per window: one-second buckets
+for a minute, one-minute buckets for an hour), so memory per user is constant while the
+window edge is exact to one bucket. The Redis backend keeps the same buckets in a hash
+and applies the same rules in Lua (`limits_redis.py`), so both backends agree.
+
+Budget periods are calendar periods in UTC, as OpenRouter's key limits reset: days at
+midnight, weeks on Monday, months on the 1st.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+
+BUCKETS = 60
+
+
+class SlidingWindow:
+    """Counts (requests or tokens) in the last `span_s` seconds, in `BUCKETS` buckets."""
+
+    __slots__ = ("span_s", "bucket_s", "_buckets")
+
+    def __init__(self, span_s: float) -> None:
+        self.span_s = span_s
+        self.bucket_s = span_s / BUCKETS
+        self._buckets: dict[int, int] = {}
+
+    def _prune(self, now: float) -> int:
+        current = int(now // self.bucket_s)
+        oldest = current - BUCKETS + 1
+        if self._buckets and min(self._buckets) < oldest:
+            self._buckets = {k: v for k, v in self._buckets.items() if k >= oldest}
+        return current
+
+    def count(self, now: float) -> int:
+        self._prune(now)
+        return sum(self._buckets.values())
+
+    def add(self, now: float, amount: int = 1) -> None:
+        current = self._prune(now)
+        self._buckets[current] = self._buckets.get(current, 0) + amount
+
+    def buckets(self, now: float) -> dict[int, int]:
+        self._prune(now)
+        return dict(self._buckets)
+
+    def frees_at(self, now: float, limit: int) -> float:
+        """When the count falls below `limit` again (now, if it already is)."""
+        return frees_at(self.buckets(now), self.bucket_s, limit, now)
+
+    def next_expiry(self, now: float) -> float:
+        """When the oldest counted item leaves the window (now, if the window is empty)."""
+        buckets = self.buckets(now)
+        return expiry(min(buckets), self.bucket_s) if buckets else now
+
+
+def expiry(bucket: int, bucket_s: float) -> float:
+    return (bucket + BUCKETS) * bucket_s
+
+
+def frees_at(buckets: dict[int, int], bucket_s: float, limit: int, now: float) -> float:
+    """Shared by both backends: walk the buckets oldest first until the count drops under `limit`."""
+    remaining = sum(buckets.values())
+    if remaining < limit:
+        return now
+    for bucket in sorted(buckets):
+        remaining -= buckets[bucket]
+        if remaining < limit:
+            return expiry(bucket, bucket_s)
+    return now
+
+
+# -- calendar periods (budgets, usage_daily/weekly/monthly) -----------------------
+
+PERIODS = ("day", "week", "month")
+
+
+def _utc(ts: float) -> datetime:
+    return datetime.fromtimestamp(ts, timezone.utc)
+
+
+def period_start(period: str, ts: float) -> datetime:
+    moment = _utc(ts)
+    day = moment.replace(hour=0, minute=0, second=0, microsecond=0)
+    if period == "day":
+        return day
+    if period == "week":
+        return day - timedelta(days=day.weekday())
+    if period == "month":
+        return day.replace(day=1)
+    raise ValueError(f"unknown period {period!r}")
+
+
+def period_end(period: str, ts: float) -> datetime:
+    start = period_start(period, ts)
+    if period == "day":
+        return start + timedelta(days=1)
+    if period == "week":
+        return start + timedelta(days=7)
+    return (start + timedelta(days=32)).replace(day=1)
+
+
+def period_id(period: str, ts: float) -> str:
+    """A stable name for the period containing `ts` (e.g. `2025-01-31`, `2025-01`)."""
+    start = period_start(period, ts)
+    return start.strftime("%Y-%m") if period == "month" else start.strftime("%Y-%m-%d")

@@ -1,0 +1,381 @@
+"""Limits on an injected clock: each limit refuses at the right count, windows reset, budgets reserve."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import datetime, timezone
+from decimal import Decimal
+from typing import Any
+
+import pytest
+
+from gateway.auth import Principal
+from gateway.catalog import ModelPrice
+from gateway.config import Config
+from gateway.errors import PaymentRequired, RateLimited
+from gateway.limits import Limiter, Limits, estimate_cost, prompt_tokens_bound
+from gateway.limits_memory import MemoryCounters
+from gateway.proxy import ProxyRequest
+from gateway.sse import Observation
+from gateway.windows import SlidingWindow, period_end, period_id
+
+# 2025-03-10 is a Monday; 12:00:30 UTC leaves room before every boundary the tests cross on purpose.
+T0 = datetime(2025, 3, 10, 12, 0, 30, tzinfo=timezone.utc).timestamp()
+PAID = "acme/paid"  # $1 per prompt token, $2 per completion token: easy arithmetic
+FREE = "acme/model:free"
+
+
+class Clock:
+    def __init__(self, now: float = T0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class FakeCatalog:
+    prices = {PAID: ModelPrice(Decimal(1), Decimal(2)), FREE: ModelPrice(Decimal(0), Decimal(0))}
+
+    def price(self, model: str | None) -> ModelPrice | None:
+        return self.prices.get(model or "")
+
+    def is_free(self, model: str | None) -> bool:
+        return bool(model) and (model.endswith(":free") or (p := self.price(model)) is not None and p.free)
+
+
+class FakeLedger:
+    def __init__(self) -> None:
+        self.recorded: list[Any] = []
+        self.changed: list[Any] = []
+
+    def on_recorded(self, cb: Any) -> None:
+        self.recorded.append(cb)
+
+    def on_total_changed(self, cb: Any) -> None:
+        self.changed.append(cb)
+
+
+def make(markup: str = "0", **tier: Any) -> tuple[Limiter, Clock]:
+    config = Config.model_validate(
+        {"tiers": {"t": {"markup_pct": markup, **tier}}, "default_tier": "t",
+         "accounting": {"default_estimate_usd": "0.5"}}
+    )
+    clock = Clock()
+    return Limiter(config, MemoryCounters(), FakeCatalog(), clock=clock), clock
+
+
+def principal(user: str = "u1", **overrides: Any) -> Principal:
+    return Principal(user_id=user, token_id="tok", tier="t", status="active", overrides=overrides, key=None)
+
+
+def request(model: str | None = PAID, **body: Any) -> ProxyRequest:
+    body = {"model": model, "messages": [{"role": "user", "content": "hi"}], **body}
+    return ProxyRequest(endpoint="/chat/completions", body=body, raw=b"{}", model=model, stream=False,
+                        started=0.0, request_id="req")
+
+
+def used(cost: str, prompt: int = 1, completion: int = 1) -> Observation:
+    return Observation(usage={"prompt_tokens": prompt, "completion_tokens": completion, "cost": Decimal(cost)})
+
+
+def headers(error: Exception) -> dict[str, str]:
+    assert isinstance(error, (RateLimited, PaymentRequired))
+    return error.headers
+
+
+# -- request windows -----------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_requests_per_minute_refuses_the_next_one_and_frees_after_a_minute() -> None:
+    limiter, clock = make(requests_per_minute=3)
+    p = principal()
+    remaining = []
+    for _ in range(3):
+        ticket = await limiter.admit(p, request(max_tokens=1))
+        remaining.append(dict(ticket.headers)[b"x-ratelimit-remaining"])
+        ticket.release(None)
+    assert remaining == [b"2", b"1", b"0"]
+    with pytest.raises(RateLimited) as refused:
+        await limiter.admit(p, request())
+    err = refused.value
+    assert err.status == 429 and err.param == "requests_per_minute"
+    assert "requests_per_minute is 3" in err.message and "3 requests in the last minute" in err.message
+    h = headers(err)
+    assert h["x-ratelimit-limit"] == "3" and h["x-ratelimit-remaining"] == "0"
+    frees = (int(T0) + 60) * 1000  # the one-second bucket of T0 leaves the window a minute later
+    assert h["x-ratelimit-reset"] == str(frees)
+    assert h["retry-after"] == "60"
+    assert err.metadata["resets_at"].startswith("2025-03-10T12:01:30")
+    clock.now += 59
+    with pytest.raises(RateLimited):
+        await limiter.admit(p, request())
+    clock.now += 1
+    (await limiter.admit(p, request(max_tokens=1))).release(None)
+
+
+@pytest.mark.anyio
+async def test_refused_requests_are_not_counted() -> None:
+    limiter, clock = make(requests_per_minute=1, requests_per_hour=2)
+    p = principal()
+    (await limiter.admit(p, request(max_tokens=1))).release(None)
+    for _ in range(5):
+        with pytest.raises(RateLimited):
+            await limiter.admit(p, request())
+    clock.now += 60
+    (await limiter.admit(p, request(max_tokens=1))).release(None)  # the refusals took no hourly slot
+    clock.now += 60
+    with pytest.raises(RateLimited) as refused:
+        await limiter.admit(p, request())
+    assert refused.value.param == "requests_per_hour"
+    assert "2 requests in the last hour" in refused.value.message
+
+
+@pytest.mark.anyio
+async def test_requests_per_hour_slides() -> None:
+    limiter, clock = make(requests_per_hour=2)
+    p = principal()
+    (await limiter.admit(p, request(max_tokens=1))).release(None)
+    clock.now += 1800
+    (await limiter.admit(p, request(max_tokens=1))).release(None)
+    with pytest.raises(RateLimited) as refused:
+        await limiter.admit(p, request())
+    assert refused.value.headers["retry-after"] == str(1800 - 30)  # the first leaves with its minute bucket
+    clock.now += 1800
+    (await limiter.admit(p, request(max_tokens=1))).release(None)  # the first has left the window
+    with pytest.raises(RateLimited):
+        await limiter.admit(p, request())
+
+
+@pytest.mark.anyio
+async def test_max_concurrent_counts_requests_in_flight() -> None:
+    limiter, _ = make(max_concurrent=2)
+    p = principal()
+    first = await limiter.admit(p, request(max_tokens=1))
+    second = await limiter.admit(p, request(max_tokens=1))
+    with pytest.raises(RateLimited) as refused:
+        await limiter.admit(p, request())
+    assert refused.value.param == "max_concurrent" and refused.value.headers["retry-after"] == "1"
+    first.release(used("0.1"))
+    first.release(used("0.1"))  # a second release changes nothing
+    third = await limiter.admit(p, request(max_tokens=1))
+    with pytest.raises(RateLimited):
+        await limiter.admit(p, request())
+    second.release(None)
+    third.release(None)
+
+
+@pytest.mark.anyio
+async def test_limits_are_per_user_and_overrides_win() -> None:
+    limiter, _ = make(requests_per_minute=1)
+    (await limiter.admit(principal("a"), request(max_tokens=1))).release(None)
+    (await limiter.admit(principal("b"), request(max_tokens=1))).release(None)
+    lifted = principal("a", requests_per_minute=5)
+    (await limiter.admit(lifted, request(max_tokens=1))).release(None)
+    assert Limits.of(limiter.config.tier("t"), {"monthly_budget_usd": "2.5"}).monthly_budget_usd == Decimal("2.5")
+
+
+# -- tokens ----------------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_tokens_per_hour_counts_usage_and_refuses_once_reached() -> None:
+    limiter, clock = make(tokens_per_hour=100)
+    p = principal()
+    (await limiter.admit(p, request(max_tokens=1))).release(used("0", prompt=40, completion=59))
+    (await limiter.admit(p, request(max_tokens=1))).release(used("0", prompt=1, completion=0))
+    with pytest.raises(RateLimited) as refused:
+        await limiter.admit(p, request())
+    assert refused.value.param == "tokens_per_hour" and "100 tokens in the last hour" in refused.value.message
+    assert refused.value.headers["retry-after"] == "3570"  # its minute bucket (12:00) leaves at 13:00
+    clock.now += 3600
+    (await limiter.admit(p, request(max_tokens=1))).release(None)
+
+
+# -- budgets ---------------------------------------------------------------------------
+
+
+def test_estimate_is_prompt_and_max_tokens_at_catalogue_prices() -> None:
+    price = ModelPrice(Decimal("0.001"), Decimal("0.002"), Decimal("0.5"))
+    body = {"messages": [{"content": "x" * 9}, {"content": [{"type": "text", "text": "y" * 3}]}], "max_tokens": 10}
+    assert prompt_tokens_bound(body) == 5  # 12 characters / 3 + 1
+    assert estimate_cost(price, body, Decimal("7")) == Decimal("0.5") + Decimal("0.005") + Decimal("0.020")
+    assert estimate_cost(price, {"prompt": "ab"}, Decimal("7")) == Decimal("0.5") + Decimal("0.001") + 7
+    assert estimate_cost(None, body, Decimal("7")) == Decimal("7")
+
+
+@pytest.mark.anyio
+async def test_daily_budget_refuses_with_402_until_midnight() -> None:
+    limiter, clock = make(markup="50", daily_budget_usd="10")
+    p = principal()
+    # each request: 1 prompt token ($1) + 2 completion tokens ($4) = $5 reserved; charged $3 × 1.5 = $4.5
+    for _ in range(2):
+        ticket = await limiter.admit(p, request(max_tokens=2))
+        ticket.release(used("3"))
+    (await limiter.admit(p, request(max_tokens=2))).release(used("1"))  # $9 < $10: still admitted
+    with pytest.raises(PaymentRequired) as refused:
+        await limiter.admit(p, request(max_tokens=2))
+    err = refused.value
+    assert err.status == 402 and err.param == "daily_budget_usd"
+    assert "is $10 and $10.5 is used" in err.message and "2025-03-11T00:00:00" in err.message
+    assert err.metadata["used"] == "10.5" and err.metadata["limit"] == "daily_budget_usd"
+    clock.now = datetime(2025, 3, 11, tzinfo=timezone.utc).timestamp()
+    (await limiter.admit(p, request(max_tokens=2))).release(None)
+
+
+@pytest.mark.anyio
+async def test_monthly_budget_resets_on_the_first() -> None:
+    limiter, clock = make(monthly_budget_usd="1")
+    p = principal()
+    (await limiter.admit(p, request(max_tokens=0))).release(used("1"))
+    with pytest.raises(PaymentRequired) as refused:
+        await limiter.admit(p, request(max_tokens=0))
+    assert "2025-04-01T00:00:00" in refused.value.message
+    clock.now = datetime(2025, 3, 31, 23, 59, tzinfo=timezone.utc).timestamp()
+    with pytest.raises(PaymentRequired):
+        await limiter.admit(p, request(max_tokens=0))
+    clock.now += 60
+    (await limiter.admit(p, request(max_tokens=0))).release(None)
+
+
+@pytest.mark.anyio
+async def test_reservations_hold_budget_and_settle_to_the_real_charge() -> None:
+    limiter, _ = make(daily_budget_usd="12")
+    p = principal()
+    a = await limiter.admit(p, request(max_tokens=2))  # reserves $5
+    b = await limiter.admit(p, request(max_tokens=2))  # $5 → $10 held
+    c = await limiter.admit(p, request(max_tokens=2))  # $10 < $12: admitted, $15 held
+    with pytest.raises(PaymentRequired) as refused:
+        await limiter.admit(p, request(max_tokens=2))
+    assert "$15 is used ($15 of it held by requests in flight)" in refused.value.message
+    a.release(None)  # the upstream never answered: the reservation goes, nothing is spent
+    b.release(used("1"))  # real charge $1 replaces $5
+    _, snapshot, _ = await limiter.standing(p)
+    assert snapshot.reserved == Decimal(5) and snapshot.spend["day"] == Decimal(1) and snapshot.inflight == 1
+    c.release(used("2"))
+    _, snapshot, _ = await limiter.standing(p)
+    assert snapshot.reserved == 0 and snapshot.spend == {"day": 3, "week": 3, "month": 3, "all": 3}
+
+
+@pytest.mark.anyio
+async def test_fifty_concurrent_requests_overrun_a_budget_by_at_most_one() -> None:
+    limiter, _ = make(monthly_budget_usd="16")
+    p = principal()
+    (await limiter.admit(p, request(max_tokens=2))).release(used("5"))  # $11 left: room for 3 at $5 (with $4 over)
+
+    async def one() -> Any:
+        try:
+            ticket = await limiter.admit(p, request(max_tokens=2))
+        except PaymentRequired:
+            return None
+        await asyncio.sleep(0)
+        return ticket
+
+    tickets = [t for t in await asyncio.gather(*(one() for _ in range(50))) if t is not None]
+    assert len(tickets) == 3
+    for ticket in tickets:
+        ticket.release(used("5"))
+    _, snapshot, _ = await limiter.standing(p)
+    assert snapshot.spend["month"] == Decimal(20)  # $16 budget overrun by less than one request ($5)
+
+
+@pytest.mark.anyio
+async def test_unknown_price_reserves_the_configured_default() -> None:
+    limiter, _ = make(daily_budget_usd="1")
+    p = principal()
+    tickets = [await limiter.admit(p, request("acme/unlisted")) for _ in range(2)]  # $0.5 each
+    with pytest.raises(PaymentRequired):
+        await limiter.admit(p, request("acme/unlisted"))
+    for ticket in tickets:
+        ticket.release(None)
+    assert (await limiter.standing(p))[1].reserved == 0
+
+
+@pytest.mark.anyio
+async def test_free_models_cost_nothing_but_count_against_request_limits() -> None:
+    limiter, _ = make(daily_budget_usd="0", requests_per_minute=2)
+    p = principal()
+    with pytest.raises(PaymentRequired):
+        await limiter.admit(p, request(max_tokens=1))
+    for _ in range(2):
+        ticket = await limiter.admit(p, request(FREE, max_tokens=1000))
+        ticket.release(used("0.3"))  # even if a cost were reported, a free model charges nothing
+    with pytest.raises(RateLimited):
+        await limiter.admit(p, request(FREE))
+    _, snapshot, _ = await limiter.standing(p)
+    assert snapshot.spend["day"] == 0 and snapshot.reserved == 0
+
+
+@pytest.mark.anyio
+async def test_a_free_model_with_paid_fallbacks_is_not_free() -> None:
+    limiter, _ = make(daily_budget_usd="0")
+    with pytest.raises(PaymentRequired):
+        await limiter.admit(principal(), request(FREE, models=[FREE, PAID]))
+
+
+@pytest.mark.anyio
+async def test_request_limits_are_checked_before_budgets() -> None:
+    limiter, _ = make(daily_budget_usd="0", requests_per_minute=0)
+    with pytest.raises(RateLimited):
+        await limiter.admit(principal(), request(max_tokens=1))
+
+
+# -- the ledger and start-up -------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_with_the_ledger_spend_comes_from_its_records_and_corrections() -> None:
+    from gateway.limits import attach_ledger
+
+    limiter, clock = make(daily_budget_usd="10", tokens_per_hour=1000)
+    ledger = FakeLedger()
+    attach_ledger(limiter, ledger)
+    attach_ledger(limiter, ledger)
+    assert len(ledger.recorded) == len(ledger.changed) == 1
+    p = principal()
+    ticket = await limiter.admit(p, request(max_tokens=2))
+    ledger.recorded[0]("u1", clock.now, Decimal("4"), 30)
+    ticket.release(used("4", prompt=10, completion=20))  # not counted twice
+    ledger.changed[0]("u1", clock.now, Decimal("4"), Decimal("4.25"))
+    ledger.changed[0]("u1", clock.now - 86400, Decimal("1"), Decimal("2"))  # yesterday: not today's budget
+    _, snapshot, _ = await limiter.standing(p)
+    assert snapshot.spend["day"] == Decimal("4.25") and snapshot.spend["all"] == Decimal("5.25")
+    assert sum(snapshot.tokens.values()) == 30 and snapshot.reserved == 0
+
+
+@pytest.mark.anyio
+async def test_spend_is_loaded_once_at_start_up() -> None:
+    limiter, _ = make(monthly_budget_usd="5")
+    calls: list[str] = []
+
+    class Usage:
+        async def spend_since(self, since_iso: str, *, user_id: str | None = None) -> dict[str, Decimal]:
+            calls.append(since_iso)
+            return {"u1": Decimal("5")} if since_iso >= "2025-03-01" else {"u1": Decimal("7")}
+
+    await limiter.load_spend(Usage())
+    assert calls == ["2025-03-10T00:00:00.000000Z", "2025-03-10T00:00:00.000000Z",
+                     "2025-03-01T00:00:00.000000Z", "1970-01-01T00:00:00.000000Z"]
+    with pytest.raises(PaymentRequired):
+        await limiter.admit(principal(), request(max_tokens=0))
+    assert (await limiter.standing(principal()))[1].spend["all"] == Decimal(7)
+
+
+# -- windows ---------------------------------------------------------------------------
+
+
+def test_sliding_window_counts_the_last_span_only() -> None:
+    window = SlidingWindow(60)
+    window.add(100.2)
+    window.add(130.0, 2)
+    assert window.count(159.9) == 3
+    assert window.frees_at(159.9, 3) == 160.0 and window.frees_at(159.9, 1) == 190.0
+    assert window.count(160.0) == 2 and window.next_expiry(160.0) == 190.0
+    assert window.count(190.0) == 0 and window.frees_at(190.0, 1) == 190.0
+
+
+def test_calendar_periods() -> None:
+    ts = datetime(2024, 12, 31, 23, 0, tzinfo=timezone.utc).timestamp()
+    assert period_end("month", ts) == datetime(2025, 1, 1, tzinfo=timezone.utc)
+    assert period_end("week", ts) == datetime(2025, 1, 6, tzinfo=timezone.utc)  # weeks start on Monday
+    assert period_id("month", ts) == "2024-12" and period_id("week", ts) == "2024-12-30"
