@@ -116,7 +116,10 @@ class Recorder(Protocol):
 
 class BodyPreparer(Protocol):
     def prepare(self, principal: Principal, request: ProxyRequest) -> bytes:
-        """The bytes to send upstream (the user's defaults may fill absent fields)."""
+        """The bytes to send upstream (the user's defaults may fill absent fields).
+
+        Called once, before admission, so limits see what goes upstream: a preparer that
+        fills fields also updates `request.body` and `request.model`."""
 
 
 class _Open:
@@ -262,6 +265,8 @@ class ProxyEndpoint:
             started=started,
             request_id=request_id,
         )
+        # The user's defaults fill absent fields before limits see the request (model, max_tokens).
+        request.raw = self.preparer.prepare(principal, request)
         ticket = await self.admission.admit(principal, request)
         return principal, request, ticket
 
@@ -289,7 +294,7 @@ class ProxyEndpoint:
         observation: Observation,
     ) -> None:
         assert principal.key is not None
-        body = self.preparer.prepare(principal, request)
+        body = request.raw  # prepared in _admit
         try:
             response = await self.upstream.open(
                 "POST", self.endpoint, key=principal.key.secret, body=body, headers=self._upstream_headers(scope)
