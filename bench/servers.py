@@ -1,0 +1,150 @@
+"""Start, pin, watch and stop the processes under test: each server is its own process, one worker.
+
+Pinning keeps the measurement honest on a 2-core box: the process that receives the load
+(the proxy, or the upstream in the direct run) gets core 1 to itself; the load generator
+and the upstream behind a proxy share core 0.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import yaml
+from cryptography.fernet import Fernet
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH_ADMIN_TOKEN = "gwadmin-bench-" + "b" * 40
+BENCH_KEY = "sk-or-v1-bench-key-000000000000000000000000"
+FRONT_CPU, BACK_CPU = 1, 0
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def pinning(cpu: int | None) -> Any:
+    """A preexec_fn: pin to `cpu` (if the box has it) and lift the open-files limit for 1,000 streams."""
+    def setup() -> None:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft != resource.RLIM_INFINITY and (hard == resource.RLIM_INFINITY or soft < hard):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard if hard != resource.RLIM_INFINITY else 65536, hard))
+        if cpu is not None and cpu in os.sched_getaffinity(0):
+            os.sched_setaffinity(0, {cpu})
+    return setup
+
+
+class Server:
+    def __init__(self, name: str, command: list[str], *, port: int, health: str, cpu: int | None,
+                 cwd: Path = ROOT, env: dict[str, str] | None = None) -> None:
+        self.name = name
+        self.port = port
+        self.url = f"http://127.0.0.1:{port}"
+        self.log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"bench-{name}-{port}.log", "w+b")
+        self.process = subprocess.Popen(command, cwd=cwd, env=env, stdout=self.log, stderr=subprocess.STDOUT,
+                                        preexec_fn=pinning(cpu))
+        self._wait(self.url + health)
+
+    def _wait(self, url: str, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                self.log.seek(0)
+                raise RuntimeError(f"{self.name} exited with {self.process.returncode}:\n"
+                                   f"{self.log.read().decode(errors='replace')[-3000:]}")
+            try:
+                httpx.get(url, timeout=0.5)
+                return
+            except httpx.HTTPError:
+                time.sleep(0.05)
+        raise RuntimeError(f"{self.name} did not answer {url} within {timeout}s")
+
+    def rss_kb(self) -> int:
+        """VmRSS of the server process (uvicorn with one worker serves in this very process)."""
+        with open(f"/proc/{self.process.pid}/status") as status:
+            for line in status:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+        return 0
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.log.close()
+
+
+def start_upstream(cpu: int | None) -> Server:
+    port = free_port()
+    return Server("upstream", [sys.executable, "-m", "bench.upstream", "--port", str(port)],
+                  port=port, health="/_bench/health", cpu=cpu)
+
+
+def start_minimal(upstream: Server, cpu: int | None) -> Server:
+    port = free_port()
+    return Server("minimal", [sys.executable, "-m", "bench.minimal_proxy", "--port", str(port),
+                              "--upstream", upstream.url + "/api/v1"], port=port, health="/health", cpu=cpu)
+
+
+def bench_tier() -> dict[str, Any]:
+    """Markup, budgets and every rate limit on, set so high that none triggers during the run."""
+    return {"markup_pct": "5", "daily_budget_usd": "1000000", "monthly_budget_usd": "1000000",
+            "requests_per_minute": 100_000_000, "requests_per_hour": 1_000_000_000,
+            "tokens_per_hour": 1_000_000_000_000, "max_concurrent": 100_000}
+
+
+def start_gateway(upstream: Server, client: str, tmp: Path, cpu: int | None) -> tuple[Server, str]:
+    """A gateway in its default shape (auth, limits, accounting) plus a user with a key; returns its token."""
+    tmp.mkdir(parents=True, exist_ok=True)
+    (tmp / "master.key").write_text(Fernet.generate_key().decode() + "\n")
+    config = {
+        "server": {"data_dir": str(tmp)},
+        "database": {"url": f"sqlite:///{tmp}/gateway.db"},
+        "security": {"master_key_file": str(tmp / "master.key"), "admin_token_file": str(tmp / "admin.sha256")},
+        # pool_size above the 1,000 concurrent streams, or they would queue for a connection
+        "upstream": {"base_url": upstream.url + "/api/v1", "client": client, "pool_size": 1100},
+        "logging": {"access_log": False, "level": "warning"},
+        "tiers": {"bench": bench_tier()},
+        "default_tier": "bench",
+    }
+    config_file = tmp / "gateway.yaml"
+    config_file.write_text(yaml.safe_dump(config))
+    port = free_port()
+    env = {**os.environ, "GATEWAY_ADMIN_TOKEN": BENCH_ADMIN_TOKEN}
+    server = Server(f"gateway-{client}", [sys.executable, "-m", "gateway", "--config", str(config_file), "serve",
+                                          "--port", str(port)], port=port, health="/health", cpu=cpu, cwd=tmp,
+                    env=env)
+    try:
+        return server, _create_user(server.url)
+    except Exception:
+        server.stop()
+        raise
+
+
+def _create_user(url: str) -> str:
+    with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {BENCH_ADMIN_TOKEN}"}, timeout=30) as admin:
+        user = admin.post("/admin/v1/users", json={"tier": "bench"})
+        user.raise_for_status()
+        user_id = user.json()["id"]
+        admin.put(f"/admin/v1/users/{user_id}/openrouter-key", json={"api_key": BENCH_KEY}).raise_for_status()
+        token = admin.post(f"/admin/v1/users/{user_id}/tokens", json={"name": "bench"})
+        token.raise_for_status()
+        return token.json()["token"]
+
+
+def configure_upstream(upstream: Server, chunk_delay_ms: float) -> None:
+    httpx.post(upstream.url + "/_bench/config", json={"chunk_delay_ms": chunk_delay_ms}, timeout=5).raise_for_status()
