@@ -44,7 +44,8 @@ def parse_usage(raw: bytes) -> dict[str, Any] | None:
     """The last `"usage": {...}` object in `raw`, Decimal-exact; None if absent or not JSON.
 
     An unescaped `"usage":` can only be an object key (inside a JSON string its quotes
-    would be escaped), so searching the bytes is safe.
+    would be escaped), so searching the bytes is safe. Only the bytes from its `{` on are
+    decoded: a byte offset is not a character offset once non-ASCII text comes before it.
     """
     match = None
     for match in _USAGE.finditer(raw):
@@ -52,7 +53,7 @@ def parse_usage(raw: bytes) -> dict[str, Any] | None:
     if match is None:
         return None
     try:
-        value, _ = _DECODER.raw_decode(raw.decode("utf-8", "replace"), match.end() - 1)
+        value, _ = _DECODER.raw_decode(raw[match.end() - 1 :].decode("utf-8", "replace"))
     except ValueError:
         return None
     return value if isinstance(value, dict) else None
@@ -95,10 +96,12 @@ class StreamObserver:
                     self._error_event(line)
 
     def finish(self) -> Observation:
+        """Read a last line that had no newline; its bytes were already counted when fed."""
         if self._tail:
             tail, self._tail = self._tail, b""
+            counted = self.observation.bytes
             self.feed(tail + b"\n")
-            self.observation.bytes -= 1
+            self.observation.bytes = counted
         return self.observation
 
     def _first_event(self, block: bytes) -> None:
