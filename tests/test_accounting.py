@@ -1,0 +1,434 @@
+"""Unit tests of the usage ledger, settlement and reports: real SQLite, fake upstream and clock."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from gateway.accounting import Ledger, build_record
+from gateway.auth import Principal, ProviderKey
+from gateway.config import Config, TierConfig
+from gateway.errors import BadRequest
+from gateway.generations import parse_generation_id, stats_from_record
+from gateway.money import markup_for
+from gateway.proxy import ProxyRequest
+from gateway.settlement import Settler
+from gateway.sse import Observation, observe_body
+from gateway.store import Store
+from gateway.store.usage import COLUMNS, PENDING, SETTLED, UNSETTLED
+from gateway.upstream import UpstreamConnectionError
+from gateway.usage_report import aggregate, choice, period_start, report_csv, usage_report
+
+T0 = 1_767_225_600.0  # 2026-01-01T00:00:00Z, a Thursday
+
+
+class FakeClock:
+    def __init__(self, now: float = T0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class FakeUpstream:
+    """Answers GET /generation from a script: a status, or a total_cost to return with 200."""
+
+    def __init__(self, script: list[Any] | None = None, default: Any = 404) -> None:
+        self.script = list(script or [])
+        self.default = default
+        self.calls: list[tuple[str, str]] = []
+
+    async def call(self, method: str, path: str, *, key: str, payload: Any = None, retry: bool = True) -> Any:
+        self.calls.append((path, key))
+        step = self.script.pop(0) if self.script else self.default
+        if step == "down":
+            raise UpstreamConnectionError("connection refused")
+        if isinstance(step, int):
+            return step, {"error": {"code": step, "message": "Generation not found"}}
+        return 200, {"data": {"id": path.split("=", 1)[1], "model": "openai/gpt-4o-mini", "total_cost": step,
+                              "usage": step, "native_tokens_prompt": 11, "native_tokens_completion": 7,
+                              "native_tokens_reasoning": 2, "native_tokens_cached": 3}}
+
+
+def principal(tier: str = "trial", user_id: str = "usr_a", key: str | None = "sk-or-v1-user-a") -> Principal:
+    return Principal(
+        user_id=user_id, token_id="tok_1", tier=tier, status="active", overrides={},
+        key=ProviderKey(kind="byok", secret=key) if key else None,
+    )
+
+
+def proxy_request(*, model: str | None = "openai/gpt-4o-mini", stream: bool = False, started: float = T0,
+                  cancelled: bool = False, request_id: str = "req_1") -> ProxyRequest:
+    return ProxyRequest(endpoint="/chat/completions", body={}, raw=b"{}", model=model, stream=stream,
+                        started=started, request_id=request_id, cancelled=cancelled, status=200,
+                        first_byte=started + 0.1, ended=started + 0.25)
+
+
+def observation(generation_id: str | None = "gen-1", cost: str | None = "0.0000021", *, model: str | None = None,
+                prompt: int = 10, completion: int = 5) -> Observation:
+    usage = None
+    if cost is not None:
+        usage = {"prompt_tokens": prompt, "completion_tokens": completion, "cost": Decimal(cost),
+                 "prompt_tokens_details": {"cached_tokens": 4},
+                 "completion_tokens_details": {"reasoning_tokens": 2}}
+    return Observation(generation_id=generation_id, model=model or "openai/gpt-4o-mini", provider="OpenAI",
+                       finish_reason="stop", usage=usage)
+
+
+def config(**lookup: Any) -> Config:
+    settings = {"first_delay_s": 0.5, "factor": 2, "max_delay_s": 4, "attempts": 4, **lookup}
+    return Config(accounting={"flush_interval_ms": 100, "generation_lookup": settings})
+
+
+def is_free(model: str | None) -> bool:
+    return bool(model and model.endswith(":free"))
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> Any:
+    store = await Store.open(f"sqlite:///{tmp_path}/usage.db")
+    yield store
+    await store.close()
+
+
+def make_ledger(store: Store, clock: FakeClock, upstream: FakeUpstream, cfg: Config | None = None,
+                keys: dict[str, str] | None = None) -> Ledger:
+    cfg = cfg or config()
+
+    async def key_for(user_id: str) -> str | None:
+        return (keys or {}).get(user_id)
+
+    settler = Settler(upstream, cfg.accounting.generation_lookup, key_for=key_for, is_free=is_free,  # type: ignore[arg-type]
+                      clock=clock)
+    return Ledger(store, cfg, is_free=is_free, settler=settler, clock=clock)
+
+
+# -- markup and the record ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("tier", "markup", "reason"),
+    [
+        ("trial", "0.000000315", "trial_tier_15pct"),
+        ("starter", "0.00000021", "starter_tier_10pct"),
+        ("professional", "0.000000105", "professional_tier_5pct"),
+        ("enterprise", "0", "enterprise_tier_0pct"),
+    ],
+)
+def test_markup_per_default_tier_is_exact(tier: str, markup: str, reason: str) -> None:
+    cfg = Config()
+    record = build_record(principal(tier), proxy_request(), observation(), tier=cfg.tier(tier), free=False,
+                          first_lookup_at=T0 + 0.5)
+    assert record.provider_cost == Decimal("0.0000021")
+    assert record.markup == Decimal(markup)
+    assert record.total_cost == Decimal("0.0000021") + Decimal(markup)
+    assert record.markup_reason == reason
+    assert record.tier == tier
+
+
+def test_free_model_has_no_markup_whatever_the_tier() -> None:
+    record = build_record(principal("trial"), proxy_request(model="meta-llama/llama-3.3-70b-instruct:free"),
+                          observation(cost="0"), tier=Config().tier("trial"), free=True, first_lookup_at=T0)
+    assert (record.markup, record.markup_reason, record.total_cost) == (Decimal(0), "free_model", Decimal(0))
+    assert markup_for(Decimal("1.5"), "trial", TierConfig(markup_pct=Decimal(15)), free=True) == (
+        Decimal(0), "free_model")
+
+
+def test_record_keeps_every_spec_field() -> None:
+    request = proxy_request(stream=True, cancelled=True)
+    record = build_record(principal(), request, observation(), tier=Config().tier("trial"), free=False,
+                          first_lookup_at=T0 + 0.5)
+    assert (record.user_id, record.token_id, record.generation_id) == ("usr_a", "tok_1", "gen-1")
+    assert (record.model_requested, record.model, record.provider) == ("openai/gpt-4o-mini",) * 2 + ("OpenAI",)
+    assert (record.streamed, record.cancelled, record.finish_reason) == (True, True, "stop")
+    assert (record.prompt_tokens, record.completion_tokens, record.reasoning_tokens, record.cached_tokens) == (
+        10, 5, 2, 4)
+    assert record.latency_ms == 250
+    assert record.created_at == "2026-01-01T00:00:00.000000Z"
+    assert (record.settle_status, record.next_attempt_at) == (PENDING, "2026-01-01T00:00:00.500000Z")
+
+
+def test_response_without_generation_id_is_recorded_locally_and_not_looked_up() -> None:
+    record = build_record(principal(), proxy_request(request_id="req_x"), observation(generation_id=None),
+                          tier=Config().tier("trial"), free=False, first_lookup_at=T0)
+    assert record.generation_id == "gw-req_x"
+    assert record.settle_status == UNSETTLED
+
+
+def test_cost_parsed_from_a_body_stays_decimal_exact() -> None:
+    raw = b'{"id":"gen-x","model":"m","choices":[],"usage":{"prompt_tokens":1,"completion_tokens":1,"cost":1e-7}}'
+    obs = observe_body(raw)
+    record = build_record(principal("starter"), proxy_request(), obs, tier=Config().tier("starter"), free=False,
+                          first_lookup_at=T0)
+    assert record.provider_cost == Decimal("1E-7")
+    assert record.as_params()[COLUMNS.index("provider_cost")] == "0.0000001"
+    assert record.markup == Decimal("1E-8")
+
+
+def test_float_cost_is_refused_not_rounded() -> None:
+    obs = observation(cost=None)
+    obs.usage = {"cost": 0.1}
+    with pytest.raises(TypeError):
+        build_record(principal(), proxy_request(), obs, tier=Config().tier("trial"), free=False, first_lookup_at=T0)
+
+
+# -- the ledger: queue, listeners, batched writes --------------------------------------
+
+
+@pytest.mark.anyio
+async def test_record_is_queued_and_seen_at_once_then_written_in_one_batch(store: Store) -> None:
+    clock = FakeClock()
+    ledger = make_ledger(store, clock, FakeUpstream())
+    seen: list[tuple[str, float, Decimal, int]] = []
+    ledger.on_recorded(lambda *args: seen.append(args))
+    writes: list[int] = []
+    real_write = store.usage.write
+
+    async def counting_write(records: Any, settlements: Any = ()) -> None:
+        writes.append(len(records))
+        await real_write(records, settlements)
+
+    store.usage.write = counting_write  # type: ignore[method-assign]
+    for n in range(50):
+        ledger.record(principal(), proxy_request(request_id=f"req_{n}"), observation(f"gen-{n}", "0.1"))
+    assert len(seen) == 50 and seen[0] == ("usr_a", T0, Decimal("0.115"), 15)
+    assert await store.usage.count() == 0  # nothing written on the request path
+    assert (await ledger.lookup("gen-7")).total_cost == Decimal("0.115")  # type: ignore[union-attr]
+    assert await ledger.flush() == 50
+    assert writes == [50]
+    assert await store.usage.count() == 50
+    assert (await store.usage.spend_since("2026-01-01T00:00:00.000000Z")) == {"usr_a": Decimal("5.750")}
+
+
+@pytest.mark.anyio
+async def test_same_generation_twice_makes_one_record(store: Store) -> None:
+    ledger = make_ledger(store, FakeClock(), FakeUpstream())
+    ledger.record(principal(), proxy_request(), observation("gen-dup", "0.2"))
+    ledger.record(principal(), proxy_request(), observation("gen-dup", "0.2"))
+    await ledger.flush()
+    ledger.record(principal(), proxy_request(), observation("gen-dup", "0.2"))
+    await ledger.flush()
+    assert await store.usage.count() == 1
+    assert await store.usage.spend_since("2000-01-01") == {"usr_a": Decimal("0.230")}
+
+
+@pytest.mark.anyio
+async def test_failed_write_keeps_records_queued(store: Store) -> None:
+    ledger = make_ledger(store, FakeClock(), FakeUpstream())
+    ledger.record(principal(), proxy_request(), observation("gen-a", "0.2"))
+    real_write = store.usage.write
+
+    async def broken(records: Any, settlements: Any = ()) -> None:
+        raise OSError("disk full")
+
+    store.usage.write = broken  # type: ignore[method-assign]
+    with pytest.raises(OSError):
+        await ledger.flush()
+    assert ledger.backlog == 1
+    store.usage.write = real_write  # type: ignore[method-assign]
+    assert await ledger.flush() == 1
+    assert (await store.usage.get("gen-a")) is not None
+
+
+@pytest.mark.anyio
+async def test_spend_since_by_user_and_time(store: Store) -> None:
+    ledger = make_ledger(store, FakeClock(), FakeUpstream())
+    ledger.record(principal(user_id="u1"), proxy_request(started=T0 - 10), observation("g1", "1"))
+    ledger.record(principal(user_id="u1"), proxy_request(started=T0 + 10), observation("g2", "2"))
+    ledger.record(principal(user_id="u2", tier="enterprise"), proxy_request(started=T0 + 10), observation("g3", "3"))
+    await ledger.flush()
+    since = "2026-01-01T00:00:00.000000Z"
+    assert await store.usage.spend_since(since) == {"u1": Decimal("2.30"), "u2": Decimal("3")}
+    assert await store.usage.spend_since(since, user_id="u2") == {"u2": Decimal("3")}
+
+
+# -- settlement -------------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_404_then_found_settles_with_growing_backoff_and_reports_the_change(store: Store) -> None:
+    clock = FakeClock()
+    upstream = FakeUpstream([404, 404, Decimal("0.0000030")])
+    ledger = make_ledger(store, clock, upstream)
+    changes: list[tuple[str, float, Decimal, Decimal]] = []
+    ledger.on_total_changed(lambda *args: changes.append(args))
+    ledger.record(principal("trial"), proxy_request(), observation("gen-s", "0.0000021"))
+    settler = ledger.settler
+
+    assert await settler.settle_due() == 0  # not due before first_delay_s
+    clock.now = T0 + 0.5
+    assert await settler.settle_due() == 1  # 404: next in 0.5 × 2 = 1.0 s
+    await ledger.flush()
+    stored = await store.usage.get("gen-s")
+    assert stored is not None and stored.settle_attempts == 1 and stored.next_attempt_at == "2026-01-01T00:00:01.500000Z"
+    clock.now = T0 + 1.4
+    assert await settler.settle_due() == 0
+    clock.now = T0 + 1.5
+    assert await settler.settle_due() == 1  # 404 again: next in 2.0 s
+    clock.now = T0 + 3.5
+    assert await settler.settle_due() == 1  # found
+    await ledger.flush()
+
+    record = await store.usage.get("gen-s")
+    assert record is not None
+    assert record.settle_status == SETTLED and record.settle_attempts == 3
+    assert record.provisional_cost == Decimal("0.0000021")
+    assert (record.provider_cost, record.markup, record.total_cost) == (
+        Decimal("0.0000030"), Decimal("0.00000045"), Decimal("0.00000345"))
+    assert (record.prompt_tokens, record.completion_tokens, record.reasoning_tokens, record.cached_tokens) == (
+        11, 7, 2, 3)
+    assert changes == [("usr_a", T0, Decimal("0.000002415"), Decimal("0.00000345"))]
+    assert upstream.calls[0] == ("/generation?id=gen-s", "sk-or-v1-user-a")
+
+
+@pytest.mark.anyio
+async def test_settled_before_the_first_flush_is_written_settled(store: Store) -> None:
+    clock = FakeClock()
+    ledger = make_ledger(store, clock, FakeUpstream([Decimal("0.0000021")]))
+    changes: list[Any] = []
+    ledger.on_total_changed(lambda *args: changes.append(args))
+    ledger.record(principal("starter"), proxy_request(), observation("gen-q", "0.0000021"))
+    clock.now = T0 + 1
+    await ledger.settler.settle_due()
+    await ledger.flush()
+    record = await store.usage.get("gen-q")
+    assert record is not None and record.settle_status == SETTLED and record.total_cost == Decimal("0.00000231")
+    assert changes == []  # same total: nobody is told
+
+
+@pytest.mark.anyio
+async def test_never_settles_keeps_provisional_cost_and_is_marked_unsettled(store: Store) -> None:
+    clock = FakeClock()
+    upstream = FakeUpstream(default=404)
+    ledger = make_ledger(store, clock, upstream, config(attempts=3))
+    ledger.record(principal("trial"), proxy_request(), observation("gen-n", "0.5"))
+    for _ in range(10):
+        clock.now += 10
+        await ledger.settler.settle_due()
+    await ledger.flush()
+    record = await store.usage.get("gen-n")
+    assert record is not None
+    assert (record.settle_status, record.settle_attempts) == (UNSETTLED, 3)
+    assert (record.provider_cost, record.total_cost) == (Decimal("0.5"), Decimal("0.575"))
+    assert len(upstream.calls) == 3
+    assert ledger.settler.pending == 0
+
+
+@pytest.mark.anyio
+async def test_upstream_down_counts_as_a_failed_attempt(store: Store) -> None:
+    clock = FakeClock()
+    ledger = make_ledger(store, clock, FakeUpstream(["down", Decimal("0.5")]))
+    ledger.record(principal("enterprise"), proxy_request(), observation("gen-d", "0.4"))
+    for _ in range(3):
+        clock.now += 5
+        await ledger.settler.settle_due()
+    await ledger.flush()
+    record = await store.usage.get("gen-d")
+    assert record is not None and (record.settle_status, record.total_cost, record.settle_attempts) == (
+        SETTLED, Decimal("0.5"), 2)
+
+
+@pytest.mark.anyio
+async def test_pending_lookups_resume_after_a_restart(store: Store) -> None:
+    clock = FakeClock()
+    first = make_ledger(store, clock, FakeUpstream(default=404))
+    first.record(principal("professional"), proxy_request(), observation("gen-r", "0.2"))
+    clock.now = T0 + 0.5
+    await first.settler.settle_due()
+    await first.close()  # graceful shutdown: flushed, look-up still pending
+    stored = await store.usage.get("gen-r")
+    assert stored is not None and stored.settle_status == PENDING and stored.settle_attempts == 1
+
+    upstream = FakeUpstream([Decimal("0.3")])
+    second = make_ledger(store, clock, upstream, keys={"usr_a": "sk-or-v1-from-store"})
+    assert await second.settler.resume(store) == 1
+    clock.now = T0 + 10
+    assert await second.settler.settle_due() == 1
+    await second.flush()
+    record = await store.usage.get("gen-r")
+    assert record is not None and record.settle_status == SETTLED
+    assert (record.total_cost, record.settle_attempts) == (Decimal("0.315"), 2)
+    assert upstream.calls == [("/generation?id=gen-r", "sk-or-v1-from-store")]
+
+
+@pytest.mark.anyio
+async def test_no_key_after_restart_leaves_the_provisional_cost(store: Store) -> None:
+    clock = FakeClock()
+    first = make_ledger(store, clock, FakeUpstream())
+    first.record(principal(), proxy_request(), observation("gen-k", "0.2"))
+    await first.flush()
+    second = make_ledger(store, clock, FakeUpstream(), keys={})
+    await second.settler.resume(store)
+    clock.now += 5
+    await second.settler.settle_due()
+    await second.flush()
+    record = await store.usage.get("gen-k")
+    assert record is not None and (record.settle_status, record.total_cost) == (UNSETTLED, Decimal("0.230"))
+
+
+# -- reports and read-back ----------------------------------------------------------------
+
+
+def test_periods_are_calendar_periods_in_utc() -> None:
+    now = T0 + 86400 * 5 + 3600 * 13  # Tuesday 2026-01-06 13:00Z
+    assert period_start("day", now).isoformat() == "2026-01-06T00:00:00+00:00"
+    assert period_start("week", now).isoformat() == "2026-01-05T00:00:00+00:00"
+    assert period_start("month", now).isoformat() == "2026-01-01T00:00:00+00:00"
+
+
+@pytest.mark.parametrize(("name", "value", "allowed"), [
+    ("period", "year", ("day", "week", "month")),
+    ("group_by", "provider", ("user", "model", "tier", "day")),
+    ("format", "xml", ("json", "csv")),
+])
+def test_bad_report_options_are_400_naming_the_parameter(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    with pytest.raises(BadRequest) as caught:
+        choice(name, value, allowed, allowed[0])
+    assert caught.value.param == name and value in caught.value.message and allowed[0] in caught.value.message
+
+
+@pytest.mark.parametrize("raw", [None, "", "gen 1", "x" * 300, "../etc", "gen-1;drop"])
+def test_malformed_generation_ids_are_refused(raw: str | None) -> None:
+    with pytest.raises(BadRequest) as caught:
+        parse_generation_id(raw)
+    assert caught.value.param == "id"
+
+
+@pytest.mark.anyio
+async def test_report_totals_equal_the_sum_of_records_exactly(store: Store) -> None:
+    clock = FakeClock(T0 + 3600)
+    ledger = make_ledger(store, clock, FakeUpstream())
+    costs = ["0.1", "0.2", "0.0000003", "1E-9", "7.123456789"]
+    for n, cost in enumerate(costs):
+        model = "m/a" if n % 2 else "m/b:free"
+        ledger.record(principal("trial" if n < 3 else "starter", user_id=f"u{n % 2}"),
+                      proxy_request(model=model, started=T0 + n), observation(f"g{n}", cost, model=model))
+    await ledger.flush()
+    records = await store.usage.between("2026-01-01")
+    report = await usage_report(store, period="month", group_by="model", now=clock())
+    assert report["totals"]["provider_cost"] == sum((Decimal(c) for c in costs), Decimal(0))
+    assert report["totals"]["total_cost"] == sum((r.total_cost for r in records), Decimal(0))
+    assert report["totals"]["total_cost"] == sum((row["total_cost"] for row in report["rows"]), Decimal(0))
+    assert report["totals"]["requests"] == 5
+    free_row = next(row for row in report["rows"] if row["model"] == "m/b:free")
+    assert free_row["markup"] == 0
+    totals, rows = aggregate(records, "tier")
+    assert {key for key, _ in rows} == {"trial", "starter"}
+    csv_text = report_csv(report)
+    assert csv_text.splitlines()[-1].split(",")[7] == format(report["totals"]["provider_cost"], "f")
+    mine = await usage_report(store, period="day", group_by="model", user_id="u1", now=clock())
+    assert mine["totals"]["requests"] == 2
+
+
+def test_generation_from_the_record_alone_satisfies_the_sdk_schema() -> None:
+    from openrouter.components import GenerationResponse
+
+    record = build_record(principal(), proxy_request(), observation(), tier=Config().tier("trial"), free=False,
+                          first_lookup_at=T0)
+    data = {k: (float(v) if isinstance(v, Decimal) else v) for k, v in stats_from_record(record).items()}
+    GenerationResponse.model_validate({"data": data})
+    assert orjson.loads(orjson.dumps(data))["total_cost"] == pytest.approx(0.0000021)
