@@ -49,4 +49,70 @@ def run_keys_command(args: argparse.Namespace, config: Config) -> None:
 
         print_json(asyncio.run(_with_services(config, work)))
         return
+    if args.action == "rotate-master":
+        print_json(_rotate_master(args, config))
+        return
+    if args.action in MANAGED_ACTIONS:
+        print_json(asyncio.run(_with_services(config, lambda *services: _managed(args, *services, config=config))))
+        return
     raise CliError(f"unknown keys action {args.action}")
+
+
+MANAGED_ACTIONS = ("provision", "rotate", "disable", "enable", "delete")
+
+
+async def _managed(args: argparse.Namespace, store: Any, vault: Any, upstream: Any, *, config: Config) -> Any:
+    """The admin API's managed-key operations; running gateways learn of them through the change feed."""
+    from gateway.key_api import KeyApi
+    from gateway.provisioning import MISSING, Provisioner
+    from gateway.secrets_files import management_key
+
+    provisioner = Provisioner(store, vault, KeyApi(upstream, management_key(config.upstream)), config)
+    if args.action == "provision":
+        limit = MISSING if args.limit_usd is None else args.limit_usd
+        return await provisioner.provision(args.user, limit_usd=limit, actor="cli")
+    if args.action == "rotate":
+        return await provisioner.rotate(args.user, actor="cli")
+    if args.action in ("disable", "enable"):
+        return await provisioner.update(args.user, {"disabled": args.action == "disable"}, actor="cli")
+    if await store.users.get(args.user) is None:
+        from gateway.errors import NotFound
+
+        raise NotFound(f"No user {args.user!r}.")
+    if not await provisioner.remove(args.user, actor="cli"):
+        from gateway.cli import CliError
+
+        raise CliError(f"user {args.user!r} has no OpenRouter key")
+    return {"deleted": True, "user": args.user}
+
+
+def _rotate_master(args: argparse.Namespace, config: Config) -> Any:
+    from pathlib import Path
+
+    from gateway.cli import CliError
+    from gateway.master_rotation import ENV_KEYS_REFUSAL, Progress, rotate_master
+    from gateway.store import Store
+    from gateway.vault import VaultError
+
+    if config.security.master_keys:
+        raise CliError(ENV_KEYS_REFUSAL)
+    if args.batch_size < 1:
+        raise CliError("--batch-size must be 1 or more")
+    key_file = Path(config.security.master_key_file)
+    if not key_file.is_file():
+        raise CliError(f"master key file {key_file} does not exist (security.master_key_file; `gateway init` writes one)")
+
+    async def work() -> Any:
+        store = await Store.open(config.database.url)
+        try:
+            return await rotate_master(store, key_file, batch_size=args.batch_size, progress=Progress())
+        finally:
+            await store.close()
+
+    try:
+        report = asyncio.run(work())
+    except VaultError as exc:
+        raise CliError(str(exc)) from None
+    print("New master key added first in the key file; the old ones still decrypt. Remove them only after every "
+          "instance has restarted.", file=sys.stderr)
+    return report.__dict__

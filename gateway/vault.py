@@ -52,9 +52,22 @@ def ensure_key_file(path: Path) -> bool:
 
 
 class Vault:
-    def __init__(self, keys: list[str]) -> None:
+    def __init__(self, keys: list[str], *, key_file: Path | None = None) -> None:
         self.keys = keys
         self._fernet = MultiFernet([Fernet(k) for k in keys])
+        self._key_file = key_file  # re-read when it changes: `gateway keys rotate-master` on a live gateway
+        self._stamp = _stamp(key_file)
+
+    def refresh(self) -> bool:
+        """Reload the key file if it changed since it was read (a stat; the file is tiny). True if reloaded."""
+        if self._key_file is None or _stamp(self._key_file) == self._stamp:
+            return False
+        try:
+            keys = parse_master_keys(self._key_file.read_text())
+        except (OSError, VaultError):
+            return False  # mid-write or broken: keep the keys we have
+        self.keys, self._fernet, self._stamp = keys, MultiFernet([Fernet(k) for k in keys]), _stamp(self._key_file)
+        return True
 
     @classmethod
     def from_sources(cls, env_keys: str | None, key_file: str) -> "Vault":
@@ -63,20 +76,31 @@ class Vault:
         path = Path(key_file)
         if not path.exists():
             raise VaultError(f"master key file {path} does not exist (run `gateway init`, or set GATEWAY_MASTER_KEYS)")
-        return cls(parse_master_keys(path.read_text()))
+        return cls(parse_master_keys(path.read_text()), key_file=path)
 
     def encrypt(self, secret: str) -> str:
+        self.refresh()  # encrypt under the newest master key even if it was added after start
         return self._fernet.encrypt(secret.encode()).decode()
 
     def decrypt(self, ciphertext: str) -> str:
         try:
             return self._fernet.decrypt(ciphertext.encode()).decode()
         except InvalidToken:
+            if self.refresh():
+                return self.decrypt(ciphertext)
             raise VaultError("a stored key cannot be decrypted with the configured master keys") from None
 
     def rotate(self, ciphertext: str) -> str:
         """Re-encrypt under the first (newest) master key."""
         return self._fernet.rotate(ciphertext.encode()).decode()
+
+
+def _stamp(path: Path | None) -> tuple[int, int] | None:
+    try:
+        info = os.stat(path) if path is not None else None
+    except OSError:
+        return None
+    return (info.st_mtime_ns, info.st_ino) if info is not None else None
 
 
 def mask_key(secret: str) -> str:
