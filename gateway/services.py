@@ -20,3 +20,12 @@ async def install_services(gateway: "Gateway") -> None:
     from gateway.provisioning import install_provisioning
 
     await install_provisioning(gateway)
+    from gateway.limits import install_limits
+
+    await install_limits(gateway)  # after accounting: counts spend from the ledger's listeners
+    from gateway.credit_sync import install_credit_sync
+    from gateway.user_settings import install_settings
+
+    await install_settings(gateway)  # sets gateway.preparer: users' defaults fill absent fields
+    await install_credit_sync(gateway)
+    gateway.catalog.warm()  # fetch the model list in the background so prices are known early

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from datetime import datetime, timezone
 from decimal import Decimal
-from typing import Any
+from typing import Any, AsyncIterator
 
 import pytest
 
@@ -15,6 +16,7 @@ from gateway.config import Config
 from gateway.errors import PaymentRequired, RateLimited
 from gateway.limits import Limiter, Limits, estimate_cost, prompt_tokens_bound
 from gateway.limits_memory import MemoryCounters
+from gateway.limits_redis import RedisCounters
 from gateway.proxy import ProxyRequest
 from gateway.sse import Observation
 from gateway.windows import SlidingWindow, period_end, period_id
@@ -55,13 +57,46 @@ class FakeLedger:
         self.changed.append(cb)
 
 
-def make(markup: str = "0", **tier: Any) -> tuple[Limiter, Clock]:
+def make(counters: Any, markup: str = "0", **tier: Any) -> tuple[Limiter, Clock]:
     config = Config.model_validate(
         {"tiers": {"t": {"markup_pct": markup, **tier}}, "default_tier": "t",
          "accounting": {"default_estimate_usd": "0.5"}}
     )
     clock = Clock()
-    return Limiter(config, MemoryCounters(), FakeCatalog(), clock=clock), clock
+    return Limiter(config, counters, FakeCatalog(), clock=clock), clock
+
+
+REDIS_URL = os.environ.get("GATEWAY_TEST_REDIS_URL", "redis://127.0.0.1:6379")
+
+
+def redis_url_or_skip(db: int) -> str:
+    """Redis for the shared-counter cases: skipped loudly when absent, a failure under CI=true."""
+    import redis
+
+    url = f"{REDIS_URL.rstrip('/')}/{db}"
+    try:
+        redis.Redis.from_url(url, socket_timeout=2).ping()
+    except redis.RedisError as exc:
+        reason = f"Redis unreachable at {REDIS_URL} ({type(exc).__name__}); run `bash .ci/services`"
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI=true and {reason}")
+        pytest.skip(f"SKIPPED LOUDLY: {reason}")
+    return url
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def counters(request: pytest.FixtureRequest) -> AsyncIterator[Any]:
+    """Every test runs on both backends: this process's memory, and Redis (db 15, emptied first)."""
+    if request.param == "memory":
+        yield MemoryCounters()
+        return
+    url = redis_url_or_skip(db=15)
+    backend = await RedisCounters.connect(url, lease_s=660)
+    await backend._redis.flushdb()
+    try:
+        yield backend
+    finally:
+        await backend.close()
 
 
 def principal(user: str = "u1", **overrides: Any) -> Principal:
@@ -87,8 +122,8 @@ def headers(error: Exception) -> dict[str, str]:
 
 
 @pytest.mark.anyio
-async def test_requests_per_minute_refuses_the_next_one_and_frees_after_a_minute() -> None:
-    limiter, clock = make(requests_per_minute=3)
+async def test_requests_per_minute_refuses_the_next_one_and_frees_after_a_minute(counters: Any) -> None:
+    limiter, clock = make(counters, requests_per_minute=3)
     p = principal()
     remaining = []
     for _ in range(3):
@@ -115,8 +150,8 @@ async def test_requests_per_minute_refuses_the_next_one_and_frees_after_a_minute
 
 
 @pytest.mark.anyio
-async def test_refused_requests_are_not_counted() -> None:
-    limiter, clock = make(requests_per_minute=1, requests_per_hour=2)
+async def test_refused_requests_are_not_counted(counters: Any) -> None:
+    limiter, clock = make(counters, requests_per_minute=1, requests_per_hour=2)
     p = principal()
     (await limiter.admit(p, request(max_tokens=1))).release(None)
     for _ in range(5):
@@ -132,8 +167,8 @@ async def test_refused_requests_are_not_counted() -> None:
 
 
 @pytest.mark.anyio
-async def test_requests_per_hour_slides() -> None:
-    limiter, clock = make(requests_per_hour=2)
+async def test_requests_per_hour_slides(counters: Any) -> None:
+    limiter, clock = make(counters, requests_per_hour=2)
     p = principal()
     (await limiter.admit(p, request(max_tokens=1))).release(None)
     clock.now += 1800
@@ -148,8 +183,8 @@ async def test_requests_per_hour_slides() -> None:
 
 
 @pytest.mark.anyio
-async def test_max_concurrent_counts_requests_in_flight() -> None:
-    limiter, _ = make(max_concurrent=2)
+async def test_max_concurrent_counts_requests_in_flight(counters: Any) -> None:
+    limiter, _ = make(counters, max_concurrent=2)
     p = principal()
     first = await limiter.admit(p, request(max_tokens=1))
     second = await limiter.admit(p, request(max_tokens=1))
@@ -166,8 +201,8 @@ async def test_max_concurrent_counts_requests_in_flight() -> None:
 
 
 @pytest.mark.anyio
-async def test_limits_are_per_user_and_overrides_win() -> None:
-    limiter, _ = make(requests_per_minute=1)
+async def test_limits_are_per_user_and_overrides_win(counters: Any) -> None:
+    limiter, _ = make(counters, requests_per_minute=1)
     (await limiter.admit(principal("a"), request(max_tokens=1))).release(None)
     (await limiter.admit(principal("b"), request(max_tokens=1))).release(None)
     lifted = principal("a", requests_per_minute=5)
@@ -179,8 +214,8 @@ async def test_limits_are_per_user_and_overrides_win() -> None:
 
 
 @pytest.mark.anyio
-async def test_tokens_per_hour_counts_usage_and_refuses_once_reached() -> None:
-    limiter, clock = make(tokens_per_hour=100)
+async def test_tokens_per_hour_counts_usage_and_refuses_once_reached(counters: Any) -> None:
+    limiter, clock = make(counters, tokens_per_hour=100)
     p = principal()
     (await limiter.admit(p, request(max_tokens=1))).release(used("0", prompt=40, completion=59))
     (await limiter.admit(p, request(max_tokens=1))).release(used("0", prompt=1, completion=0))
@@ -205,8 +240,8 @@ def test_estimate_is_prompt_and_max_tokens_at_catalogue_prices() -> None:
 
 
 @pytest.mark.anyio
-async def test_daily_budget_refuses_with_402_until_midnight() -> None:
-    limiter, clock = make(markup="50", daily_budget_usd="10")
+async def test_daily_budget_refuses_with_402_until_midnight(counters: Any) -> None:
+    limiter, clock = make(counters, markup="50", daily_budget_usd="10")
     p = principal()
     # each request: 1 prompt token ($1) + 2 completion tokens ($4) = $5 reserved; charged $3 × 1.5 = $4.5
     for _ in range(2):
@@ -224,8 +259,8 @@ async def test_daily_budget_refuses_with_402_until_midnight() -> None:
 
 
 @pytest.mark.anyio
-async def test_monthly_budget_resets_on_the_first() -> None:
-    limiter, clock = make(monthly_budget_usd="1")
+async def test_monthly_budget_resets_on_the_first(counters: Any) -> None:
+    limiter, clock = make(counters, monthly_budget_usd="1")
     p = principal()
     (await limiter.admit(p, request(max_tokens=0))).release(used("1"))
     with pytest.raises(PaymentRequired) as refused:
@@ -239,8 +274,8 @@ async def test_monthly_budget_resets_on_the_first() -> None:
 
 
 @pytest.mark.anyio
-async def test_reservations_hold_budget_and_settle_to_the_real_charge() -> None:
-    limiter, _ = make(daily_budget_usd="12")
+async def test_reservations_hold_budget_and_settle_to_the_real_charge(counters: Any) -> None:
+    limiter, _ = make(counters, daily_budget_usd="12")
     p = principal()
     a = await limiter.admit(p, request(max_tokens=2))  # reserves $5
     b = await limiter.admit(p, request(max_tokens=2))  # $5 → $10 held
@@ -258,8 +293,8 @@ async def test_reservations_hold_budget_and_settle_to_the_real_charge() -> None:
 
 
 @pytest.mark.anyio
-async def test_fifty_concurrent_requests_overrun_a_budget_by_at_most_one() -> None:
-    limiter, _ = make(monthly_budget_usd="16")
+async def test_fifty_concurrent_requests_overrun_a_budget_by_at_most_one(counters: Any) -> None:
+    limiter, _ = make(counters, monthly_budget_usd="16")
     p = principal()
     (await limiter.admit(p, request(max_tokens=2))).release(used("5"))  # $11 left: room for 3 at $5 (with $4 over)
 
@@ -280,8 +315,8 @@ async def test_fifty_concurrent_requests_overrun_a_budget_by_at_most_one() -> No
 
 
 @pytest.mark.anyio
-async def test_unknown_price_reserves_the_configured_default() -> None:
-    limiter, _ = make(daily_budget_usd="1")
+async def test_unknown_price_reserves_the_configured_default(counters: Any) -> None:
+    limiter, _ = make(counters, daily_budget_usd="1")
     p = principal()
     tickets = [await limiter.admit(p, request("acme/unlisted")) for _ in range(2)]  # $0.5 each
     with pytest.raises(PaymentRequired):
@@ -292,8 +327,8 @@ async def test_unknown_price_reserves_the_configured_default() -> None:
 
 
 @pytest.mark.anyio
-async def test_free_models_cost_nothing_but_count_against_request_limits() -> None:
-    limiter, _ = make(daily_budget_usd="0", requests_per_minute=2)
+async def test_free_models_cost_nothing_but_count_against_request_limits(counters: Any) -> None:
+    limiter, _ = make(counters, daily_budget_usd="0", requests_per_minute=2)
     p = principal()
     with pytest.raises(PaymentRequired):
         await limiter.admit(p, request(max_tokens=1))
@@ -307,15 +342,15 @@ async def test_free_models_cost_nothing_but_count_against_request_limits() -> No
 
 
 @pytest.mark.anyio
-async def test_a_free_model_with_paid_fallbacks_is_not_free() -> None:
-    limiter, _ = make(daily_budget_usd="0")
+async def test_a_free_model_with_paid_fallbacks_is_not_free(counters: Any) -> None:
+    limiter, _ = make(counters, daily_budget_usd="0")
     with pytest.raises(PaymentRequired):
         await limiter.admit(principal(), request(FREE, models=[FREE, PAID]))
 
 
 @pytest.mark.anyio
-async def test_request_limits_are_checked_before_budgets() -> None:
-    limiter, _ = make(daily_budget_usd="0", requests_per_minute=0)
+async def test_request_limits_are_checked_before_budgets(counters: Any) -> None:
+    limiter, _ = make(counters, daily_budget_usd="0", requests_per_minute=0)
     with pytest.raises(RateLimited):
         await limiter.admit(principal(), request(max_tokens=1))
 
@@ -324,10 +359,10 @@ async def test_request_limits_are_checked_before_budgets() -> None:
 
 
 @pytest.mark.anyio
-async def test_with_the_ledger_spend_comes_from_its_records_and_corrections() -> None:
+async def test_with_the_ledger_spend_comes_from_its_records_and_corrections(counters: Any) -> None:
     from gateway.limits import attach_ledger
 
-    limiter, clock = make(daily_budget_usd="10", tokens_per_hour=1000)
+    limiter, clock = make(counters, daily_budget_usd="10", tokens_per_hour=1000)
     ledger = FakeLedger()
     attach_ledger(limiter, ledger)
     attach_ledger(limiter, ledger)
@@ -344,8 +379,8 @@ async def test_with_the_ledger_spend_comes_from_its_records_and_corrections() ->
 
 
 @pytest.mark.anyio
-async def test_spend_is_loaded_once_at_start_up() -> None:
-    limiter, _ = make(monthly_budget_usd="5")
+async def test_spend_is_loaded_once_at_start_up(counters: Any) -> None:
+    limiter, _ = make(counters, monthly_budget_usd="5")
     calls: list[str] = []
 
     class Usage:
