@@ -170,8 +170,8 @@ class Directory:
                     amount = Decimal(str(value))
                 except InvalidOperation:
                     raise BadRequest(f"limits.{name} must be a number of US dollars.", param=f"limits.{name}") from None
-                if amount < 0 or not amount.is_finite():
-                    raise BadRequest(f"limits.{name} must be zero or more.", param=f"limits.{name}")
+                if not amount.is_finite() or amount < 0:  # NaN first: comparing NaN raises
+                    raise BadRequest(f"limits.{name} must be a number of US dollars, zero or more.", param=f"limits.{name}")
                 merged[name] = str(amount)
             else:
                 if isinstance(value, bool) or not isinstance(value, int) or value < 0:
