@@ -145,7 +145,7 @@ class SettingsBook:
         return self.entries.get(user_id, DEFAULTS)
 
     def _put(self, user_id: str, settings: UserSettings) -> None:
-        if settings.fills_anything:
+        if settings != DEFAULTS:
             self.entries[user_id] = settings
         else:
             self.entries.pop(user_id, None)

@@ -37,7 +37,22 @@ async def rotate_managed_key(request: Request) -> Response:
     return json_response(await provisioner.rotate(request.path_params["user_id"], actor="admin"))
 
 
+async def sync_credits(request: Request) -> Response:
+    """Sync every user's credits now: the report if done within 10 s, else 202 with the progress so far."""
+    import asyncio
+
+    gateway = gateway_of(request)
+    gateway.admin.check(request.headers.get("authorization"))
+    run = gateway.credit_sync.start()
+    try:
+        report = await asyncio.wait_for(asyncio.shield(run), 10)
+    except asyncio.TimeoutError:
+        return json_response({"status": "running", **gateway.credit_sync.current.public()}, status=202)
+    return json_response({"status": "done", **report.public()})
+
+
 routes: list[BaseRoute] = [
     Route(PREFIX + "/users/{user_id}/managed-key", managed_key, methods=["POST", "PATCH"]),
     Route(PREFIX + "/users/{user_id}/managed-key/rotate", rotate_managed_key, methods=["POST"]),
+    Route(PREFIX + "/credits/sync", sync_credits, methods=["POST"]),
 ]

@@ -63,6 +63,11 @@ class AccountRepository:
                     "INSERT INTO account_credits (user_id, error, error_at) VALUES (?, ?, ?)", (user_id, error, now)
                 )
 
+    async def users_with_keys(self) -> int:
+        """How many users have an OpenRouter key, i.e. how many a full credit sync visits."""
+        row = await self._db.fetchone("SELECT COUNT(*) AS n FROM provider_keys")
+        return int(row["n"]) if row else 0
+
     # -- settings -----------------------------------------------------------------
 
     async def settings(self, user_id: str) -> dict[str, Any] | None:
