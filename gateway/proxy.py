@@ -71,6 +71,7 @@ DROPPED_RESPONSE_HEADERS = frozenset(
         "x-api-key",
         "server",
         "date",
+        "x-request-id",  # ours identifies the request; a second one would confuse the client
     }
 )
 NO_KEY_MESSAGE = (
