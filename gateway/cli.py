@@ -110,6 +110,10 @@ def cmd_users(args: argparse.Namespace) -> None:
         if args.action == "resume":
             return await directory.set_status(args.user, "active")
         if args.action == "delete":
+            key = await directory.store.keys.get(args.user)
+            if key is not None and key["kind"] == "managed":  # deleting the row alone would orphan it upstream
+                raise CliError(f"user {args.user!r} has a managed OpenRouter key: run `gateway keys delete "
+                               f"{args.user}` first, which deletes it upstream too")
             await directory.delete_user(args.user)
             return {"deleted": args.user}
         raise CliError(f"unknown users action {args.action}")

@@ -47,6 +47,9 @@ async def user(request: Request) -> Response:
         return json_response(await gateway.directory.show_user(user_id))
     if request.method == "PATCH":
         return json_response(await gateway.directory.update_user(user_id, await json_body(request)))
+    remover = getattr(gateway, "remove_openrouter_key", None)
+    if remover is not None and await gateway.directory.get_user(user_id):
+        await remover(user_id, actor="admin")  # a managed key is deleted upstream, not orphaned
     await gateway.directory.delete_user(user_id)
     return Response(status_code=204)
 

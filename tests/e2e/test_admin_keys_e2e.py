@@ -298,3 +298,53 @@ def test_streams_in_flight_are_listed(pair: tuple[GatewayProcess, GatewayProcess
         lambda: not [s for s in gw.admin.get("/admin/v1/streams").json()["data"] if s["user"] == user["id"]],
         "the finished stream leaving the list")
     assert gw.client(user["token"]).get("/admin/v1/streams").status_code == 401
+
+
+def test_deleting_a_user_deletes_their_managed_key_upstream(pair: tuple[GatewayProcess, GatewayProcess],
+                                                            emulator: Emulator) -> None:
+    gw, _ = pair
+    user = gw.create_user(tier="trial")
+    assert gw.admin.post(f"/admin/v1/users/{user['id']}/managed-key").status_code == 201
+    assert upstream_key(emulator, user["id"]) is not None
+    assert gw.admin.delete(f"/admin/v1/users/{user['id']}").status_code == 204
+    assert upstream_key(emulator, user["id"]) is None
+
+
+# -- the CLI ----------------------------------------------------------------------------------
+
+
+def test_cli_manages_keys(emulator: Emulator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                          capsys: pytest.CaptureFixture[str]) -> None:
+    import orjson
+
+    from gateway.cli import main
+    from tests.conftest import write_config
+
+    config = str(write_config(tmp_path, emulator))
+    monkeypatch.setenv("GATEWAY_UPSTREAM__MANAGEMENT_KEY", DEMO_MANAGEMENT_KEY)
+
+    def run(*argv: str) -> Any:
+        main(["--config", config, *argv])
+        return orjson.loads(capsys.readouterr().out)
+
+    run("users", "add", "--id", "cli-user", "--tier", "starter")
+    assert run("keys", "provision", "cli-user", "--limit-usd", "3")["limit_usd"] == "3"
+    first = upstream_key(emulator, "cli-user")
+    assert first is not None and first["limit"] == 3
+    assert run("keys", "disable", "cli-user")["disabled"] is True
+    assert key_row(emulator, first["hash"]).json()["data"]["disabled"] is True
+    assert run("keys", "enable", "cli-user")["disabled"] is False
+    run("keys", "rotate", "cli-user")
+    second = upstream_key(emulator, "cli-user")
+    assert second is not None and second["hash"] != first["hash"] and key_row(emulator, first["hash"]).status_code == 404
+
+    with pytest.raises(SystemExit) as exited:
+        main(["--config", config, "users", "delete", "cli-user"])
+    assert exited.value.code == 2 and "gateway keys delete cli-user" in capsys.readouterr().err
+    assert run("keys", "delete", "cli-user") == {"deleted": True, "user": "cli-user"}
+    assert upstream_key(emulator, "cli-user") is None
+    with pytest.raises(SystemExit) as exited:
+        main(["--config", config, "keys", "provision", "cli-user", "--limit-usd", "lots"])
+    assert exited.value.code == 2 and "limit_usd" in capsys.readouterr().err
+    assert upstream_key(emulator, "cli-user") is None
+    assert run("users", "delete", "cli-user") == {"deleted": "cli-user"}
