@@ -250,6 +250,17 @@ class Ledger:
                 log.exception("writing usage records failed; they stay queued and are retried")
                 await asyncio.sleep(max(self.flush_interval_s, 0.5))
 
+    async def run_retention(self, days: int, *, every_s: float = 3600) -> None:
+        """`jobs.usage_retention_days`: drop finished records older than that, hourly."""
+        while True:
+            try:
+                removed = await self._store.usage.delete_before(iso(self._clock() - days * 86400))
+                if removed:
+                    log.info("usage retention removed %d records older than %d days", removed, days)
+            except Exception:
+                log.exception("usage retention failed; retrying later")
+            await asyncio.sleep(every_s)
+
     async def close(self) -> None:
         """Shutdown: stop settling (pending look-ups stay stored as pending) and flush everything."""
         await self.settler.stop()
@@ -294,6 +305,8 @@ async def install_accounting(gateway: "Gateway") -> Ledger:
     await settler.resume(gateway.store)
     gateway.spawn(ledger.run_writer())
     gateway.spawn(settler.run())
+    if config.jobs.usage_retention_days:
+        gateway.spawn(ledger.run_retention(config.jobs.usage_retention_days))
     gateway.on_shutdown(ledger.close)
     return ledger
 

@@ -205,6 +205,37 @@ async def test_record_is_queued_and_seen_at_once_then_written_in_one_batch(store
 
 
 @pytest.mark.anyio
+async def test_flush_interval_0_writes_each_record_as_soon_as_it_is_queued(store: Store) -> None:
+    import asyncio
+
+    cfg = config()
+    cfg.accounting.flush_interval_ms = 0
+    ledger = make_ledger(store, FakeClock(), FakeUpstream(), cfg)
+    writer = asyncio.ensure_future(ledger.run_writer())
+    try:
+        ledger.record(principal(), proxy_request(), observation("gen-0", "0.2"))
+        for _ in range(500):  # poll the outcome; the writer itself waits on no timer
+            if await store.usage.count():
+                break
+            await asyncio.sleep(0.01)
+        assert await store.usage.count() == 1
+    finally:
+        writer.cancel()
+
+
+@pytest.mark.anyio
+async def test_retention_drops_old_finished_records_only(store: Store) -> None:
+    clock = FakeClock(T0 + 40 * 86400)
+    ledger = make_ledger(store, clock, FakeUpstream())
+    ledger.record(principal(), proxy_request(started=T0), observation(None, "0.1"))  # unsettled (no id)
+    ledger.record(principal(), proxy_request(started=T0, request_id="r2"), observation("gen-old", "0.1"))
+    ledger.record(principal(), proxy_request(started=clock.now, request_id="r3"), observation(None, "0.1"))
+    await ledger.flush()
+    assert await store.usage.delete_before("2026-01-31T00:00:00.000000Z") == 1  # the pending one stays
+    assert await store.usage.count() == 2
+
+
+@pytest.mark.anyio
 async def test_same_generation_twice_makes_one_record(store: Store) -> None:
     ledger = make_ledger(store, FakeClock(), FakeUpstream())
     ledger.record(principal(), proxy_request(), observation("gen-dup", "0.2"))
