@@ -6,6 +6,7 @@ the official SDKs need a real socket, so those use a uvicorn server in a thread.
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 import socket
@@ -318,6 +319,20 @@ async def test_stats_record_last_request_and_reset(client):
     await client.post("http://emulator/_emulator/reset")
     stats = (await client.get("http://emulator/_emulator/stats")).json()
     assert stats["requests"] == {} and stats["last_request"] is None and len(stats["keys"]) == 1
+
+
+@pytest.mark.anyio
+async def test_last_stream_returns_the_exact_bytes_sent(client):
+    assert (await client.get("http://emulator/_emulator/last-stream")).status_code == 404
+    first = await client.post("/chat/completions", json=chat_body(stream=True), headers=auth())
+    await client.post("http://emulator/_emulator/midstream-error", json={"after_chunks": 1})
+    second = await client.post("/completions", json={"model": "openai/gpt-4o-mini", "prompt": "é", "stream": True},
+                               headers=auth())
+    await client.post("/chat/completions", json=chat_body(), headers=auth())  # not streamed: not kept
+    kept = (await client.get("http://emulator/_emulator/last-stream")).json()
+    assert kept["generation_id"] == second.headers["x-generation-id"] != first.headers["x-generation-id"]
+    assert base64.b64decode(kept["base64"]) == second.content and kept["length"] == len(second.content)
+    assert kept["complete"] is True and b'"error"' in second.content
 
 
 @pytest.mark.anyio
