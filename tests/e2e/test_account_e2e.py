@@ -99,6 +99,26 @@ def test_catalogue_is_fetched_once_and_the_sdk_pages_all_of_it(
         emulator.control("models", {"extra": 0})
 
 
+def test_a_stale_catalogue_is_served_and_flagged_without_hammering_the_upstream(
+    emulator: Emulator, tmp_path: Path
+) -> None:
+    own = start_gateway(tmp_path, emulator, {"models": {"cache_ttl_s": 1}})
+    try:
+        client = own.client(own.create_user(tier="starter", key=emulator.new_key())["token"])
+        fresh = client.get("/v1/models/free")
+        assert fresh.status_code == 200 and "x-catalog-stale" not in fresh.headers
+        emulator.control("fail", {"path": "/models", "status": 500, "times": 1})
+        time.sleep(1.1)  # let the 1 s TTL run out
+        before = emulator.stats()["requests"].get("/models", 0)  # counts refused attempts too
+        reads = [client.get("/v1/models/free") for _ in range(5)]
+        for stale in reads:
+            assert stale.status_code == 200 and stale.json() == fresh.json()  # same list, same cached_at
+            assert stale.headers["x-catalog-stale"] == "true" and "Stale" in stale.headers["warning"]
+        assert emulator.stats()["requests"].get("/models", 0) - before == 1  # one failed attempt, then back-off
+    finally:
+        own.stop()
+
+
 @pytest.mark.parametrize(
     ("params", "param"),
     [({"offset": "-1"}, "offset"), ({"offset": "x"}, "offset"), ({"limit": "0"}, "limit"),
