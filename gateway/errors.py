@@ -14,6 +14,11 @@ SETTINGS_HINT = (
     " Check your OpenRouter settings at https://openrouter.ai/settings/preferences "
     "(default model) and https://openrouter.ai/settings/privacy (data policy)."
 )
+# An upstream 401 is about the user's OpenRouter key, not the platform token the client sent.
+UPSTREAM_KEY_HINT = (
+    " (OpenRouter refused the OpenRouter key connected to your account; connect a working one with "
+    "`PUT /v1/account/openrouter-key` or ask your admin.)"
+)
 
 
 class GatewayError(Exception):
@@ -116,7 +121,8 @@ def upstream_error_body(status: int, raw: bytes) -> bytes:
     """Re-envelope an upstream error body, keeping its status, message and metadata.
 
     OpenRouter's "No models provided" and data-policy 404s get a hint pointing to the
-    settings pages where the user can fix them.
+    settings pages where the user can fix them; a 401 says it is the user's OpenRouter key
+    that was refused (the platform token was fine, or we would not have forwarded).
     """
     message = None
     metadata = None
@@ -132,6 +138,8 @@ def upstream_error_body(status: int, raw: bytes) -> bytes:
         message = f"upstream returned HTTP {status}" + (f": {text}" if text else "")
     if "No models provided" in message or "data policy" in message:
         message += SETTINGS_HINT
+    elif status == 401:
+        message += UPSTREAM_KEY_HINT
     error: dict[str, Any] = {
         "message": message,
         "type": _TYPE_BY_STATUS.get(status, "upstream_error" if status >= 500 else "invalid_request_error"),
