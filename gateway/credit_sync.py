@@ -146,6 +146,12 @@ class CreditSync:
                 return
             after = rows[-1]["user_id"]
 
+    async def stop(self) -> None:
+        """Cancel a run in progress (shutdown: the store is about to close)."""
+        if self._running is not None and not self._running.done():
+            self._running.cancel()
+            await asyncio.gather(self._running, return_exceptions=True)
+
     def start(self) -> asyncio.Task[SyncReport]:
         """A full sync in the background, or the one already running (concurrent asks share it)."""
         if self._running is None or self._running.done():
@@ -185,6 +191,7 @@ async def install_credit_sync(gateway: "Gateway") -> None:
     sync = CreditSync(gateway.store, gateway.vault, gateway.upstream, rate_per_s=cfg.credit_sync_rate_per_s,
                       clock=gateway.clock)
     gateway.credit_sync = sync  # type: ignore[attr-defined]
+    gateway.on_shutdown(sync.stop)
     if cfg.credit_sync_interval_s > 0:
         gateway.spawn(sync.run_periodically(cfg.credit_sync_interval_s))
 
@@ -207,7 +214,8 @@ def progress_bar(stream: Any = None, width: int = 30) -> Progress:
 
 
 def run_sync_command(args: "argparse.Namespace", config: "Config") -> None:
-    from gateway.routes.common import dumps
+    import orjson
+
     from gateway.upstream import make_transport
 
     async def run() -> SyncReport:
@@ -232,7 +240,7 @@ def run_sync_command(args: "argparse.Namespace", config: "Config") -> None:
             await store.close()
 
     report = asyncio.run(run())
-    sys.stdout.write(dumps(report.public()).decode() + "\n")
+    sys.stdout.write(orjson.dumps(report.public()).decode() + "\n")
     if report.failed:
         sys.stderr.write(f"gateway: {report.failed} user(s) could not be synced; their last good credits are kept.\n")
         sys.exit(1)
