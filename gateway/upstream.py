@@ -13,8 +13,8 @@ import json
 import math
 import random
 import time
-from email.utils import parsedate_to_datetime
 from decimal import Decimal
+from email.utils import parsedate_to_datetime
 from typing import Any, AsyncIterator, Awaitable, Callable, Mapping, Protocol
 
 RETRYABLE_STATUSES = frozenset({429, 502, 503})
