@@ -44,11 +44,13 @@ class Settings:
     concurrent_streams: int  # streams held open at once for the byte-exact and memory test
     concurrent_chunks: int
     chunk_delay_ms: float  # upstream pause between chunks during that test, so streams overlap
+    warm_requests: int = 20  # of each kind before measuring a target
     concurrencies: tuple[int, ...] = (1, 32)
 
 
 FULL = Settings(duration=5, warmup=1, chunks=200, concurrent_streams=1000, concurrent_chunks=200, chunk_delay_ms=50)
-QUICK = Settings(duration=1, warmup=0, chunks=20, concurrent_streams=50, concurrent_chunks=20, chunk_delay_ms=5)
+QUICK = Settings(duration=0.5, warmup=0, chunks=20, concurrent_streams=50, concurrent_chunks=20, chunk_delay_ms=5,
+               warm_requests=5)
 
 
 class Bench:
@@ -66,15 +68,21 @@ class Bench:
     # -- one load run, in its own pinned process, sampling the server's memory ------------
 
     def load(self, spec: dict[str, Any], watch: Server | None = None) -> tuple[dict[str, Any], int]:
-        command = [sys.executable, "-m", "bench.load", orjson.dumps(spec).decode()]
-        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT,
-                                   preexec_fn=pinning(self.cpu(BACK_CPU)))
-        peak = 0
-        while process.poll() is None:
-            if watch is not None:
-                peak = max(peak, watch.rss_kb())
-            time.sleep(0.02)
-        out, err = process.communicate()
+        # the spec (with its token) goes through stdin, never onto a command line others can list
+        with tempfile.TemporaryFile() as stdout, tempfile.TemporaryFile() as stderr:
+            process = subprocess.Popen([sys.executable, "-m", "bench.load"], stdin=subprocess.PIPE, stdout=stdout,
+                                       stderr=stderr, cwd=ROOT, preexec_fn=pinning(self.cpu(BACK_CPU)))
+            assert process.stdin is not None
+            process.stdin.write(orjson.dumps(spec))
+            process.stdin.close()
+            peak = 0
+            while process.poll() is None:
+                if watch is not None:
+                    peak = max(peak, watch.rss_kb())
+                time.sleep(0.02)
+            stdout.seek(0)
+            stderr.seek(0)
+            out, err = stdout.read(), stderr.read()
         if process.returncode != 0:
             raise RuntimeError(f"load generator failed ({spec['kind']}): {err.decode(errors='replace')[-2000:]}")
         return orjson.loads(out.splitlines()[-1]), peak
@@ -104,7 +112,7 @@ class Bench:
 
         headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
         with httpx.Client(timeout=30) as client:
-            for i in range(20):
+            for i in range(self.settings.warm_requests):
                 client.post(url, content=load.request_body(stream=False), headers=headers).raise_for_status()
                 client.post(url, content=load.request_body(stream=True, chunks=5, seed=f"warm-{i}"),
                             headers=headers).raise_for_status()
@@ -166,6 +174,25 @@ class Bench:
             upstream.stop()
 
 
+def busy_cores(seconds: float) -> float:
+    """How many cores other processes kept busy just before the run (from /proc/stat)."""
+    def sample() -> tuple[int, int]:
+        with open("/proc/stat") as stat:
+            fields = [int(v) for v in stat.readline().split()[1:]]
+        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+        return sum(fields), idle
+
+    try:
+        total0, idle0 = sample()
+        time.sleep(seconds)
+        total1, idle1 = sample()
+    except OSError:
+        return 0.0
+    if total1 == total0:
+        return 0.0
+    return (1 - (idle1 - idle0) / (total1 - total0)) * (os.cpu_count() or 1)
+
+
 def choose_generator(requested: str, install: bool) -> tuple[str, list[str]]:
     """wrk if present (installed with apt-get when missing and we are root), else the Python client."""
     if requested == "python":
@@ -192,7 +219,8 @@ def choose_generator(requested: str, install: bool) -> tuple[str, list[str]]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="about 1 s per run, small stream counts (smoke test)")
-    parser.add_argument("--duration", type=float, help="seconds measured per run (default 5, quick 1)")
+    parser.add_argument("--duration", type=float,
+                        help="seconds measured per run (default 5; quick 0.5, wrk runs at least 1)")
     parser.add_argument("--load", choices=("auto", "wrk", "python"), default="auto",
                         help="non-streaming load generator (default: wrk when available)")
     parser.add_argument("--no-install", action="store_true", help="never apt-get install wrk")
@@ -208,6 +236,10 @@ def main(argv: list[str] | None = None) -> int:
     pin = not args.no_pin and len(os.sched_getaffinity(0)) >= 2
     bench = Bench(settings, generator, pin)
     bench.notes.extend(notes)
+    busy = busy_cores(0.2 if args.quick else 1.0)
+    if busy > 0.2:
+        bench.notes.append(f"the box was busy before the run ({busy:.1f} of {os.cpu_count()} cores in use by "
+                           "other processes): they compete with the servers, so the numbers are low")
     started = time.monotonic()
     print(report.header(generator, pin, settings), flush=True)
     bench.run()
@@ -216,6 +248,7 @@ def main(argv: list[str] | None = None) -> int:
         "settings": asdict(settings), "generator": generator, "pinned": pin, "quick": args.quick,
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
         "elapsed_s": round(time.monotonic() - started, 1),
+        "busy_cores_before": round(busy, 2),
     })
     print(report.render(results), flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)

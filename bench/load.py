@@ -5,7 +5,7 @@ drives the non-streaming runs. Streams need what wrk cannot do: compare every re
 byte with what the upstream sent (`bench.upstream.expected_stream`) and time the first
 body byte, so they use aiohttp on uvloop.
 
-Each run is its own process (`python -m bench.load '<json spec>'`, one JSON line out) so
+Each run is its own process (`python -m bench.load` < JSON spec, one JSON line out) so
 the orchestrator can pin it to a core and keep sampling the server's memory meanwhile.
 """
 
@@ -259,4 +259,4 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    print(orjson.dumps(run(orjson.loads(sys.argv[1]))).decode(), flush=True)
+    print(orjson.dumps(run(orjson.loads(sys.stdin.buffer.read()))).decode(), flush=True)

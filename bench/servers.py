@@ -22,6 +22,7 @@ import yaml
 from cryptography.fernet import Fernet
 
 ROOT = Path(__file__).resolve().parents[1]
+LOGS = ROOT / "bench" / "results" / "logs"
 BENCH_ADMIN_TOKEN = "gwadmin-bench-" + "b" * 40
 BENCH_KEY = "sk-or-v1-bench-key-000000000000000000000000"
 FRONT_CPU, BACK_CPU = 1, 0
@@ -50,7 +51,8 @@ class Server:
         self.name = name
         self.port = port
         self.url = f"http://127.0.0.1:{port}"
-        self.log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"bench-{name}-{port}.log", "w+b")
+        LOGS.mkdir(parents=True, exist_ok=True)
+        self.log = open(LOGS / f"{name}.log", "w+b")  # kept after the run for a look at what went wrong
         self.process = subprocess.Popen(command, cwd=cwd, env=env, stdout=self.log, stderr=subprocess.STDOUT,
                                         preexec_fn=pinning(cpu))
         self._wait(self.url + health)

@@ -1,0 +1,69 @@
+"""`make bench` must not rot: the harness runs end to end in its quick mode and reports numbers.
+
+No performance target is asserted (timed assertions would be flaky on a shared 2-core box);
+what is asserted is that every target and mode was measured, every stream arrived byte for
+byte, and the report and JSON carry the issue-8 targets.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from decimal import Decimal
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # bench/ is a tool beside the package, not installed with it
+
+from bench.load import request_body  # noqa: E402
+from bench.report import summarise  # noqa: E402
+from bench.upstream import _generation, cost_of, expected_stream, generation_id  # noqa: E402
+
+TARGETS = ("direct", "minimal", "gateway-aiohttp", "gateway-httpx")
+
+
+def test_expected_stream_is_a_pure_function_of_the_request() -> None:
+    first = expected_stream("seed-1", 3)
+    assert first == expected_stream("seed-1", 3)
+    assert first != expected_stream("seed-2", 3)
+    assert len(first) == 3 + 4  # comment, role, 3 contents, stop, usage + [DONE]
+    assert first[0].startswith(b": ") and first[-1].endswith(b"data: [DONE]\n\n")
+    assert b'"id":"gen-b3-seed-1"' in first[1]
+
+
+def test_generation_cost_equals_the_streamed_usage_cost() -> None:
+    usage_event = expected_stream("abc", 7)[-1].split(b"\n\n")[0][len(b"data: "):]
+    streamed = json.loads(usage_event, parse_float=Decimal)["usage"]["cost"]
+    record = json.loads(_generation(generation_id("abc", 7)), parse_float=Decimal)["data"]
+    assert streamed == record["total_cost"] == cost_of(7)
+    assert _generation("gen-unknown") is None
+
+
+def test_summary_marks_missing_measurements_not_applicable() -> None:
+    from bench.__main__ import QUICK
+
+    results = summarise([], {}, QUICK, [])
+    assert {t["status"] for t in results["targets"]} == {"N/A", "SKIP"}
+    assert json.loads(request_body(stream=True, chunks=4, seed="s"))["max_tokens"] == 4
+
+
+def test_quick_bench_runs_end_to_end(tmp_path: Path) -> None:
+    out = tmp_path / "latest.json"
+    run = subprocess.run(
+        [sys.executable, "-m", "bench", "--quick", "--no-install", "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "issue 8 targets:" in run.stdout and "gateway-httpx/gateway-aiohttp" in run.stdout
+    results = json.loads(out.read_text())
+    measured = {(r["target"], r["mode"], r["concurrency"]) for r in results["rows"]}
+    assert measured == {(t, m, c) for t in TARGETS for m in ("json", "stream") for c in (1, 32)}
+    for row in results["rows"]:
+        assert row["errors"] == 0 and row["requests"] > 0 and row["rps"] > 0 and row["p50_ms"] > 0, row
+        if row["mode"] == "stream":
+            assert row["byte_exact"] == row["requests"] and row["ttfb_p50_ms"] > 0, row
+    many = results["concurrent_streams"]["gateway-aiohttp"]
+    assert many["byte_exact"] == many["streams"] and many["peak_rss_kb"] > 0
+    assert {t["id"] for t in results["targets"]} == {"1", "1b", "2", "3a", "3b", "3c", "4"}
+    assert all(t["status"] in ("PASS", "FAIL", "SKIP") for t in results["targets"])
