@@ -211,10 +211,18 @@ def test_byok_through_the_client_api(gateway: GatewayProcess, emulator: Emulator
 # ---------------------------------------------------------------- settings on the proxy path
 
 
-def last_upstream_body(emulator: Emulator) -> bytes:
-    last = emulator.stats()["last_request"]
-    assert last["path"].endswith("/chat/completions")
-    return last["body"].encode()
+def chat_and_capture(client: httpx.Client, emulator: Emulator, **kwargs: Any) -> tuple[httpx.Response, bytes]:
+    """The response and the body the emulator received for it.
+
+    The emulator keeps only its last request, and gateways settling earlier tests' costs
+    call `/generation` in the background; if one lands in between, send again.
+    """
+    for _ in range(5):
+        response = client.post("/v1/chat/completions", **kwargs)
+        last = emulator.stats()["last_request"]
+        if last is not None and last["path"].endswith("/chat/completions"):
+            return response, last["body"].encode()
+    raise AssertionError("the emulator never showed the chat request as its last one")
 
 
 def test_settings_fill_absent_fields_and_leave_the_rest(gateway: GatewayProcess, emulator: Emulator) -> None:
@@ -227,25 +235,32 @@ def test_settings_fill_absent_fields_and_leave_the_rest(gateway: GatewayProcess,
     assert client.get("/v1/settings").json()["temperature"] is None  # nothing written
 
     saved = client.put("/v1/settings", json={"default_model": "anthropic/claude-3.5-haiku", "temperature": 0.3,
-                                             "fallback_models": ["openai/gpt-4o-mini"]})
+                                             "max_tokens": 4, "fallback_models": ["openai/gpt-4o-mini"]})
     assert saved.status_code == 200 and saved.json()["default_model"] == "anthropic/claude-3.5-haiku"
 
-    response = client.post("/v1/chat/completions", json=CHAT_BODY)
+    response, sent_raw = chat_and_capture(client, emulator, json={"messages": [{"role": "user", "content": "hi"}]})
     assert response.status_code == 200, response.text
     assert response.json()["model"] == "anthropic/claude-3.5-haiku"
-    sent = json.loads(last_upstream_body(emulator))
-    assert sent["model"] == "anthropic/claude-3.5-haiku" and sent["temperature"] == 0.3
-    assert sent["models"] == ["openai/gpt-4o-mini"] and sent["max_tokens"] == 3
+    assert response.json()["usage"]["completion_tokens"] == 4  # the max_tokens default reached the upstream
+    sent = json.loads(sent_raw)
+    assert sent["model"] == "anthropic/claude-3.5-haiku" and sent["temperature"] == 0.3 and sent["max_tokens"] == 4
+    assert sent["models"] == ["openai/gpt-4o-mini"]
+
+    # The fallback list is OpenRouter's `models`: a primary the upstream refuses falls back to it.
+    response, _ = chat_and_capture(client, emulator, json={"model": "emulator/data-policy", **CHAT_BODY})
+    assert response.status_code == 200 and response.json()["model"] == "openai/gpt-4o-mini"
 
     raw = b'{"model": "openai/gpt-4o-mini",  "models": [], "temperature": 1.50, "messages": [{"role": "user", ' \
           b'"content": "caf\\u00e9"}], "max_tokens": 2}'
-    response = client.post("/v1/chat/completions", content=raw, headers={"content-type": "application/json"})
-    assert response.status_code == 200 and last_upstream_body(emulator) == raw  # byte for byte
+    response, sent_raw = chat_and_capture(client, emulator, content=raw, headers={"content-type": "application/json"})
+    assert response.status_code == 200 and sent_raw == raw  # nothing to fill: byte for byte
 
     assert client.put("/v1/settings", json={"fallback_enabled": False}).json()["fallback_models"] == [
         "openai/gpt-4o-mini"]
-    client.post("/v1/chat/completions", json={"model": "openai/gpt-4o", **CHAT_BODY})
-    assert "models" not in json.loads(last_upstream_body(emulator))
+    response, sent_raw = chat_and_capture(client, emulator, json={"model": "openai/gpt-4o", **CHAT_BODY})
+    assert "models" not in json.loads(sent_raw)
+    response, _ = chat_and_capture(client, emulator, json={"model": "emulator/data-policy", **CHAT_BODY})
+    assert response.status_code == 404  # no fallback any more
 
 
 # ---------------------------------------------------------------- the OpenRouter SDK
