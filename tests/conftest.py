@@ -35,11 +35,11 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def wait_http(url: str, process: subprocess.Popen[bytes], timeout: float = 20.0) -> None:
+def wait_http(url: str, process: subprocess.Popen[bytes], timeout: float = 20.0, log: Path | None = None) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            out = process.stdout.read().decode() if process.stdout else ""
+            out = log.read_text(errors="replace") if log is not None and log.exists() else ""
             raise RuntimeError(f"process exited with {process.returncode}:\n{out[-4000:]}")
         try:
             httpx.get(url, timeout=0.5)
@@ -80,15 +80,17 @@ class Emulator:
 
 
 @pytest.fixture(scope="session")
-def emulator() -> Iterator[Emulator]:
+def emulator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Emulator]:
     port = free_port()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "gateway", "emulator", "--port", str(port)],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-    )
+    log = tmp_path_factory.mktemp("emulator") / "emulator.log"
+    with log.open("wb") as out:  # a file, not a pipe: a pipe nobody reads fills and blocks the process
+        process = subprocess.Popen(
+            [sys.executable, "-m", "gateway", "emulator", "--port", str(port)],
+            cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
+        )
     emu = Emulator(port, process)
     try:
-        wait_http(f"{emu.base_url}/models?limit=1", process)
+        wait_http(f"{emu.base_url}/models?limit=1", process, log=log)
         yield emu
     finally:
         stop_process(process)
@@ -97,7 +99,10 @@ def emulator() -> Iterator[Emulator]:
 class GatewayProcess:
     """A running `gateway serve` with admin helpers for setting up users."""
 
-    def __init__(self, port: int, process: subprocess.Popen[bytes], config_file: Path, env: dict[str, str]) -> None:
+    def __init__(
+        self, port: int, process: subprocess.Popen[bytes], config_file: Path, env: dict[str, str], log_file: Path
+    ) -> None:
+        self.log_file = log_file
         self.port = port
         self.process = process
         self.config_file = config_file
@@ -116,6 +121,10 @@ class GatewayProcess:
         token = self.admin.post(f"/admin/v1/users/{user_id}/tokens", json={"name": "test"})
         assert token.status_code == 201, token.text
         return {"id": user_id, "token": token.json()["token"], "token_id": token.json()["id"]}
+
+    def output(self) -> str:
+        """Everything the process has logged so far (stdout and stderr)."""
+        return self.log_file.read_text(errors="replace")
 
     def client(self, token: str) -> httpx.Client:
         return httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {token}"}, timeout=30)
@@ -154,12 +163,14 @@ def start_gateway(
     config_file = write_config(tmp, emulator, overrides)
     port = port or free_port()
     env = {**os.environ, "GATEWAY_ADMIN_TOKEN": ADMIN_TOKEN, **(extra_env or {})}
-    process = subprocess.Popen(
-        [sys.executable, "-m", "gateway", "--config", str(config_file), "serve", "--port", str(port)],
-        cwd=tmp, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-    )
-    gateway = GatewayProcess(port, process, config_file, env)
-    wait_http(f"{gateway.url}/health", process)
+    log_file = tmp / f"gateway-{port}.log"
+    with log_file.open("ab") as out:  # a file, not a pipe: a pipe nobody reads fills and blocks the process
+        process = subprocess.Popen(
+            [sys.executable, "-m", "gateway", "--config", str(config_file), "serve", "--port", str(port)],
+            cwd=tmp, env=env, stdout=out, stderr=subprocess.STDOUT,
+        )
+    gateway = GatewayProcess(port, process, config_file, env, log_file)
+    wait_http(f"{gateway.url}/health", process, log=log_file)
     return gateway
 
 

@@ -9,7 +9,6 @@ database file or the log.
 from __future__ import annotations
 
 import secrets
-import threading
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -36,24 +35,6 @@ def error_of(response: httpx.Response, status: int, param: str | None = None) ->
     return error["message"]
 
 
-class LogTap:
-    """Reads a gateway's output as it comes (a full pipe would block the process), keeping it."""
-
-    def __init__(self, process: GatewayProcess) -> None:
-        self.chunks: list[bytes] = []
-        self._thread = threading.Thread(target=self._drain, args=(process,), daemon=True)
-        self._thread.start()
-
-    def _drain(self, process: GatewayProcess) -> None:
-        assert process.process.stdout is not None
-        for line in iter(process.process.stdout.readline, b""):
-            self.chunks.append(line)
-
-    def text(self) -> str:
-        self._thread.join(timeout=10)
-        return b"".join(self.chunks).decode(errors="replace")
-
-
 @pytest.fixture(scope="module")
 def pair(emulator: Emulator, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[GatewayProcess, GatewayProcess, Path]]:
     """Two gateway processes sharing one SQLite file, logging at debug with the access log on."""
@@ -61,8 +42,6 @@ def pair(emulator: Emulator, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     overrides = {"logging": {"level": "debug", "access_log": True}}
     first = start_gateway(tmp, emulator, overrides)
     second = start_gateway(tmp, emulator, overrides)
-    first.log = LogTap(first)  # type: ignore[attr-defined]
-    second.log = LogTap(second)  # type: ignore[attr-defined]
     try:
         yield first, second, tmp
     finally:
@@ -381,7 +360,7 @@ def test_no_token_or_key_in_the_database_file_or_the_log(
     assert b"provider_keys" in stored  # really the database
 
     first.stop()
-    log = first.log.text()  # type: ignore[attr-defined]
+    log = first.output()
     assert "chat/completions" in log, "the access log is on: the requests should be logged"
     for secret in (user["token"], key, rejected, ADMIN_TOKEN):
         assert secret not in log, "a secret reached the log"
