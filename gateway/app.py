@@ -36,6 +36,7 @@ from gateway.proxy import (
     ProxyEndpoint,
     Recorder,
     StreamInFlight,
+    send_error,
 )
 from gateway.routes.common import error_response
 from gateway.secrets_files import admin_token_hash, management_key
@@ -221,6 +222,12 @@ class GatewayApp:
                 await endpoint(scope, receive, send_logged)
             else:
                 await self.api(scope, receive, send_logged)
+        except Exception:
+            if endpoint is not None or status == 0:  # Starlette's handler already logged its own
+                log.exception("unhandled error on %s %s", scope["method"], scope["path"],
+                              extra={"request_id": request_id})
+            if status == 0:  # nothing sent yet: answer in the error envelope instead of dropping the connection
+                await send_error(send_logged, _internal_error(request_id), request_id)
         finally:
             elapsed = time.perf_counter() - started
             self.gateway.metrics.observe_request(route_label(scope["path"], self.gateway.proxies), status, elapsed)
@@ -247,6 +254,19 @@ def _incoming_request_id(scope: dict[str, Any]) -> str | None:
             if 0 < len(text) <= 128 and text.isprintable():
                 return text
     return None
+
+
+def _internal_error(request_id: str) -> GatewayError:
+    return GatewayError(
+        f"Internal error in the gateway (request id {request_id}); it has been logged. Try again or contact the operator."
+    )
+
+
+async def _unhandled(request: Request, exc: Exception) -> Any:
+    request_id = request.scope.get("state", {}).get("request_id", "-")
+    log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc,
+              extra={"request_id": request_id})
+    return error_response(_internal_error(request_id), request)
 
 
 async def _gateway_error(request: Request, exc: Exception) -> Any:
@@ -291,7 +311,12 @@ def create_app(
             *admin_keys.routes,
         ],
         lifespan=lifespan,
-        exception_handlers={GatewayError: _gateway_error, 404: _not_found, 405: _method_not_allowed},
+        exception_handlers={
+            GatewayError: _gateway_error,
+            404: _not_found,
+            405: _method_not_allowed,
+            Exception: _unhandled,
+        },
     )
     api.state.gateway = gateway
     return GatewayApp(
