@@ -29,6 +29,7 @@ def _uvicorn_config(app: Any, host: str, port: int, **extra: Any) -> uvicorn.Con
         access_log=False,
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
         timeout_keep_alive=30,
+        server_header=False,
         **extra,
     )
 
