@@ -269,7 +269,9 @@ class UpstreamClient:
         """Send and return once the status and headers are in; retries connection errors, 429, 502, 503."""
         retries = self.retries if retries is None else retries
         url = self.base_url + path
-        merged = {**self.default_headers, **(headers or {}), "authorization": f"Bearer {key}"}
+        merged = {**self.default_headers, **(headers or {})}
+        if key:  # public reads (the model list) go without credentials rather than with an empty bearer
+            merged["authorization"] = f"Bearer {key}"
         attempt = 0
         while True:
             try:

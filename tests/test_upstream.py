@@ -277,3 +277,10 @@ async def test_retried_responses_are_released():
     response = await client.open("POST", "/chat/completions", key=KEY, body=b"{}")
     assert response is transport.sent[2] and response.closed == 0
     assert [r.closed for r in transport.sent[:2]] == [1, 1]
+
+
+@pytest.mark.anyio
+async def test_an_empty_key_sends_no_authorization_header(make, router) -> None:
+    route = router.get("/models").respond(200, json={"data": []})
+    status, _ = await make().call("GET", "/models", key="")
+    assert status == 200 and "authorization" not in route.calls.last.request.headers
