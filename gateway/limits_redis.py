@@ -3,7 +3,8 @@
 One Lua script per admission reads every counter of the user, applies the same rules as
 `limits.first_refusal`, and only if nothing refuses counts the request and stores its
 reservation, all atomically on the Redis server: two instances can never both take the
-last slot or the last dollar. Settling is one MULTI transaction. Nothing is
+last slot or the last dollar. Settles are queued and written in one MULTI per event-loop
+turn (an admission of the same user waits for them on this instance). Nothing is
 read-modified-written from Python.
 
 Layout, all keys of a user in one hash slot (`{user}`):
@@ -22,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from decimal import ROUND_CEILING, ROUND_HALF_EVEN, Decimal
-from typing import Any
+from typing import Any, Callable
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
@@ -120,7 +121,10 @@ class RedisCounters:
         self._redis = client
         self._admit = client.register_script(ADMIT)
         self._lease_s = lease_s
-        self._pending: dict[str, set[asyncio.Task[Any]]] = {}
+        self._ops: list[Callable[[Any], None]] = []
+        self._dirty: set[str] = set()  # users with queued updates
+        self._writing: set[str] = set()  # users whose updates are being written
+        self._flushing: asyncio.Task[None] | None = None
 
     @classmethod
     async def connect(cls, url: str, *, lease_s: float) -> "RedisCounters":
@@ -141,23 +145,31 @@ class RedisCounters:
 
     async def _settled(self, user_id: str) -> None:
         """Let this instance's own settles of the user land first, so its next admission sees them."""
-        pending = self._pending.get(user_id)
-        if pending:
-            await asyncio.gather(*list(pending), return_exceptions=True)
+        task = self._flushing
+        if task is not None and not task.done() and (user_id in self._dirty or user_id in self._writing):
+            await asyncio.shield(task)
 
-    def _later(self, user_id: str, coroutine: Any) -> None:
-        task = asyncio.get_running_loop().create_task(coroutine)
-        tasks = self._pending.setdefault(user_id, set())
-        tasks.add(task)
+    def _later(self, user_id: str, op: Callable[[Any], None]) -> None:
+        """Queue a counter update; one background MULTI per event-loop turn carries all queued ones."""
+        self._ops.append(op)
+        self._dirty.add(user_id)
+        if self._flushing is None or self._flushing.done():
+            self._flushing = asyncio.get_running_loop().create_task(self._flush())
 
-        def done(t: asyncio.Task[Any]) -> None:
-            tasks.discard(t)
-            if not tasks:
-                self._pending.pop(user_id, None)
-            if not t.cancelled() and t.exception() is not None:
-                log.error("updating the limit counters of user %s in Redis failed: %s", user_id, t.exception())
-
-        task.add_done_callback(done)
+    async def _flush(self) -> None:
+        while self._ops:
+            ops, self._ops = self._ops, []
+            self._writing, self._dirty = self._dirty, set()
+            try:
+                async with self._redis.pipeline(transaction=True) as pipe:
+                    for op in ops:
+                        op(pipe)
+                    await pipe.execute()
+            except RedisError as exc:
+                # reservations then lapse with their lease; spend is lost for this batch
+                log.error("updating %d limit counters in Redis failed: %s", len(ops), exc)
+            finally:
+                self._writing = set()
 
     async def acquire(
         self, user_id: str, ticket_id: str, limits: Limits, reserve: Decimal, free: bool, now: float
@@ -186,30 +198,32 @@ class RedisCounters:
         return refused or None, snapshot
 
     def finish(self, user_id: str, ticket_id: str, now: float) -> None:
-        self._later(user_id, self._finish(user_id, ticket_id))
+        in_flight, reservations = self._key(user_id, "f"), self._key(user_id, "r")
 
-    async def _finish(self, user_id: str, ticket_id: str) -> None:
-        async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.zrem(self._key(user_id, "f"), ticket_id)
-            pipe.hdel(self._key(user_id, "r"), ticket_id)
-            await pipe.execute()
+        def op(pipe: Any) -> None:
+            pipe.zrem(in_flight, ticket_id)
+            pipe.hdel(reservations, ticket_id)
+
+        self._later(user_id, op)
 
     def spend(self, user_id: str, at: float, amount: Decimal, tokens: int, now: float) -> None:
-        if amount or tokens:
-            self._later(user_id, self._spend(user_id, at, to_pico(amount), tokens, now))
+        if not amount and not tokens:
+            return
+        pico = to_pico(amount)
+        spend_keys = self._spend_keys(user_id, at)
+        tokens_key, bucket = self._key(user_id, "t"), str(int(now // HOUR_BUCKET_S))
 
-    async def _spend(self, user_id: str, at: float, pico: int, tokens: int, now: float) -> None:
-        async with self._redis.pipeline(transaction=True) as pipe:
+        def op(pipe: Any) -> None:
             if pico:
-                keys = self._spend_keys(user_id, at)
-                for period, spend_key in zip(PERIODS, keys):
-                    pipe.incrby(spend_key, pico)
-                    pipe.expire(spend_key, PERIOD_TTL_S[period])
-                pipe.incrby(keys[-1], pico)
+                for period, key in zip(PERIODS, spend_keys):
+                    pipe.incrby(key, pico)
+                    pipe.expire(key, PERIOD_TTL_S[period])
+                pipe.incrby(spend_keys[-1], pico)
             if tokens:
-                pipe.hincrby(self._key(user_id, "t"), str(int(now // HOUR_BUCKET_S)), tokens)
-                pipe.expire(self._key(user_id, "t"), WINDOW_TTL_S["t"])
-            await pipe.execute()
+                pipe.hincrby(tokens_key, bucket, tokens)
+                pipe.expire(tokens_key, WINDOW_TTL_S["t"])
+
+        self._later(user_id, op)
 
     async def snapshot(self, user_id: str, now: float) -> Snapshot:
         """Read-only: the same counters the admission script reads, for /v1/limits and /v1/key."""
@@ -250,9 +264,8 @@ class RedisCounters:
             await pipe.execute()
 
     async def close(self) -> None:
-        pending = [t for tasks in self._pending.values() for t in tasks]
-        if pending:
-            await asyncio.gather(*pending, return_exceptions=True)
+        if self._flushing is not None:
+            await asyncio.gather(self._flushing, return_exceptions=True)
         await self._redis.aclose()
 
 
