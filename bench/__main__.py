@@ -211,7 +211,7 @@ def choose_generator(requested: str, install: bool) -> tuple[str, list[str]]:
     if requested == "wrk":
         raise SystemExit("bench: --load wrk asked for, but wrk is not installed and could not be installed")
     notes.append("wrk not available: non-streaming load comes from the Python client, which tops out well "
-                 "below the upstream's rate on 2 cores, so direct and minimal rows are client-bound")
+                 "below the upstream's rate on 2 cores, so the direct row is client-bound and the others may be")
     print("bench: note: " + notes[-1], flush=True)
     return "python", notes
 
