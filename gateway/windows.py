@@ -14,6 +14,7 @@ midnight, weeks on Monday, months on the 1st.
 from __future__ import annotations
 
 from datetime import datetime, timedelta, timezone
+from functools import lru_cache
 
 BUCKETS = 60
 
@@ -104,6 +105,15 @@ def period_end(period: str, ts: float) -> datetime:
 
 
 def period_id(period: str, ts: float) -> str:
-    """A stable name for the period containing `ts` (e.g. `2025-01-31`, `2025-01`)."""
-    start = period_start(period, ts)
+    """A stable name for the period containing `ts` (e.g. `2025-01-31`, `2025-01`).
+
+    Periods change only on UTC hour boundaries, so the answer is cached per hour: this is
+    asked several times per request on the hot path.
+    """
+    return _period_id_in_hour(period, int(ts // 3600))
+
+
+@lru_cache(maxsize=64)
+def _period_id_in_hour(period: str, hour: int) -> str:
+    start = period_start(period, hour * 3600.0)
     return start.strftime("%Y-%m") if period == "month" else start.strftime("%Y-%m-%d")
