@@ -160,6 +160,7 @@ class Ledger:
 
     def record(self, principal: Principal, request: ProxyRequest, observation: Observation) -> None:
         """Queue the generation's record; never blocks, never raises into the proxy."""
+        first_lookup_at = self._clock() + self._first_delay_s
         try:
             served = observation.model or request.model
             record = build_record(
@@ -168,7 +169,7 @@ class Ledger:
                 observation,
                 tier=self._config.tier(principal.tier),
                 free=self._is_free(served) or self._is_free(request.model),
-                first_lookup_at=self._clock() + self._first_delay_s,
+                first_lookup_at=first_lookup_at,
             )
         except Exception:
             log.exception("could not build a usage record for request %s", request.request_id)
@@ -178,7 +179,7 @@ class Ledger:
         self._unwritten[record.generation_id] = record
         self._notify(self._recorded, record.user_id, request.started, record.total_cost, record.tokens)
         if record.settle_status == PENDING and principal.key is not None:
-            self.settler.schedule(record, key=principal.key.secret)
+            self.settler.schedule(record, key=principal.key.secret, due=first_lookup_at, created_ts=request.started)
         if self.flush_interval_s == 0:
             self._wake.set()
 

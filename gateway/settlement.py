@@ -62,11 +62,12 @@ class PendingGeneration:
     key: str | None = field(default=None, repr=False)
 
     @classmethod
-    def of(cls, record: UsageRecord, due: float, key: str | None) -> "PendingGeneration":
+    def of(cls, record: UsageRecord, due: float, key: str | None, created_ts: float | None = None
+           ) -> "PendingGeneration":
         return cls(
             generation_id=record.generation_id,
             user_id=record.user_id,
-            created_ts=parse_iso(record.created_at),
+            created_ts=parse_iso(record.created_at) if created_ts is None else created_ts,
             tier=record.tier,
             model=record.model or record.model_requested,
             markup_pct=record.markup_pct,
@@ -135,9 +136,12 @@ class Settler:
 
     # -- scheduling ---------------------------------------------------------------
 
-    def schedule(self, record: UsageRecord, *, key: str | None = None) -> None:
-        due = parse_iso(record.next_attempt_at) if record.next_attempt_at else self._clock()
-        self._push(PendingGeneration.of(record, due, key))
+    def schedule(self, record: UsageRecord, *, key: str | None = None, due: float | None = None,
+                 created_ts: float | None = None) -> None:
+        """Put a record's look-up on the schedule (`due`/`created_ts` spare re-parsing its text times)."""
+        if due is None:
+            due = parse_iso(record.next_attempt_at) if record.next_attempt_at else self._clock()
+        self._push(PendingGeneration.of(record, due, key, created_ts))
 
     def _push(self, pending: PendingGeneration) -> None:
         heapq.heappush(self._heap, (pending.due, next(self._seq), pending))
