@@ -46,3 +46,14 @@ async def test_write_settle_and_sum_exactly(store: Store) -> None:  # noqa: F811
     assert [r.generation_id for r in await store.usage.between(day1, day2, user_id="u1")] == ["g1"]
     assert (await store.usage.get("g3")).total_cost == Decimal("1.1E-7")  # type: ignore[union-attr]
     assert all(r.settle_status == PENDING for r in await store.usage.pending())
+
+
+def test_params_follow_the_column_order() -> None:
+    from gateway.store.usage import COLUMNS
+
+    row = record("g1", "u1", "0.25", "2026-03-01T10:00:00.000000Z")
+    expected = tuple(
+        format(v, "f") if isinstance(v, Decimal) else int(v) if isinstance(v, bool) else v
+        for v in (getattr(row, name) for name in COLUMNS)
+    )
+    assert row.as_params() == expected

@@ -59,7 +59,17 @@ class UsageRecord:
         return self.prompt_tokens + self.completion_tokens
 
     def as_params(self) -> tuple[Any, ...]:
-        return tuple(_to_db(getattr(self, name)) for name in COLUMNS)
+        """Row values in `COLUMNS` order. Spelled out: it runs for every record of every batch."""
+        return (
+            self.generation_id, self.user_id, self.token_id, self.request_id, self.endpoint,
+            self.model_requested, self.model, self.provider, int(self.streamed), int(self.cancelled),
+            self.finish_reason, self.error, self.status, self.prompt_tokens, self.completion_tokens,
+            self.reasoning_tokens, self.cached_tokens, format(self.provisional_cost, "f"),
+            format(self.provider_cost, "f"), format(self.markup, "f"), format(self.total_cost, "f"),
+            format(self.markup_pct, "f"), self.markup_reason, int(self.free), self.tier, self.latency_ms,
+            self.created_at, self.settled_at, self.settle_status, self.settle_attempts, self.next_attempt_at,
+            self.upstream,
+        )
 
     @classmethod
     def from_row(cls, row: Row) -> "UsageRecord":
@@ -133,14 +143,6 @@ class Settlement:
         record.completion_tokens = record.completion_tokens if completion is None else completion
         record.reasoning_tokens = record.reasoning_tokens if reasoning is None else reasoning
         record.cached_tokens = record.cached_tokens if cached is None else cached
-
-
-def _to_db(value: Any) -> Any:
-    if isinstance(value, Decimal):
-        return format(value, "f")
-    if isinstance(value, bool):
-        return int(value)
-    return value
 
 
 class UsageRepository:
