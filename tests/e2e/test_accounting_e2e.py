@@ -186,6 +186,19 @@ def test_cancelled_stream_is_accounted(gw: GatewayProcess, emu: Emulator) -> Non
     assert stored == [{"cancelled": 1, "streamed": 1}]
 
 
+def test_upstream_error_mid_stream_is_accounted(gw: GatewayProcess, emu: Emulator) -> None:
+    emu.control("midstream-error", {"after_chunks": 2, "code": 502})
+    user = gw.create_user(tier="trial", key=emu.new_key())
+    with httpx.Client(base_url=gw.url, headers={"Authorization": f"Bearer {user['token']}"}, timeout=30) as client:
+        response = client.post("/v1/chat/completions", json={"model": MODEL, "messages": MESSAGES, "stream": True})
+    assert response.status_code == 200 and b'"error"' in response.content
+    gen_id = response.headers["x-generation-id"]
+    data = settled(gw, user["token"], gen_id)
+    assert data["finish_reason"] == "error" and data["streamed"] is True
+    stored = rows(db_of(gw), "SELECT error, finish_reason FROM usage_records WHERE generation_id = ?", (gen_id,))
+    assert stored == [{"error": "Provider disconnected", "finish_reason": "error"}]
+
+
 def test_embeddings_are_accounted(gw: GatewayProcess, emu: Emulator) -> None:
     user = gw.create_user(tier="professional", key=emu.new_key())
     with gw.client(user["token"]) as client:
