@@ -28,6 +28,7 @@ from gateway.auth import Principal
 from gateway.clock import Clock, iso, system_clock
 from gateway.config import Config, TierConfig
 from gateway.money import ZERO, markup_for, to_decimal
+from gateway.pacing import CpuMeter, Pacer
 from gateway.proxy import ProxyRequest
 from gateway.settlement import KeyLookup, Settler
 from gateway.sse import Observation
@@ -293,12 +294,15 @@ def key_lookup(gateway: "Gateway") -> KeyLookup:
 async def install_accounting(gateway: "Gateway") -> Ledger:
     """Create `gateway.ledger`, make it the proxy's recorder, start its jobs, flush at shutdown."""
     config = gateway.config
+    lookup = config.accounting.generation_lookup
+    meter = CpuMeter()
     settler = Settler(
         gateway.upstream,
-        config.accounting.generation_lookup,
+        lookup,
         key_for=key_lookup(gateway),
         is_free=gateway.catalog.is_free,
         clock=gateway.clock,
+        pacer=Pacer(meter, busy_share=lookup.busy_cpu_share, floor_per_s=lookup.busy_floor_per_s),
     )
     ledger = Ledger(gateway.store, config, is_free=gateway.catalog.is_free, settler=settler, clock=gateway.clock)
     gateway.ledger = ledger  # type: ignore[attr-defined]
@@ -306,6 +310,8 @@ async def install_accounting(gateway: "Gateway") -> Ledger:
     await settler.resume(gateway.store)
     gateway.spawn(ledger.run_writer())
     gateway.spawn(settler.run())
+    gateway.spawn(meter.run())
+    gateway.metrics.gauge("gateway_settlements_pending", lambda: settler.pending)
     if config.jobs.usage_retention_days:
         gateway.spawn(ledger.run_retention(config.jobs.usage_retention_days))
     gateway.on_shutdown(ledger.close)

@@ -83,6 +83,8 @@ class GenerationLookupConfig(_Section):
     factor: float = Field(2.0, ge=1)
     max_delay_s: float = Field(30, gt=0)
     attempts: int = Field(12, ge=1)
+    busy_cpu_share: float = Field(0.6, gt=0)
+    busy_floor_per_s: float = Field(20, gt=0)
 
 
 class AccountingConfig(_Section):

@@ -11,7 +11,10 @@ cost and is marked `unsettled`.
 
 Every retry is persisted (attempt count and next attempt time) through the ledger's
 batched writer, so a restart resumes look-ups where they stood (`resume`). Look-ups run
-in the background with bounded concurrency; nothing here is on the request path.
+in the background with bounded concurrency and yield to traffic (`gateway.pacing`): a
+look-up costs about as much as proxying a request, so while the process is CPU-bound
+they run at `busy_floor_per_s` and catch up when the load eases. Nothing here is on the
+request path.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import orjson
 from gateway.clock import Clock, iso, parse_iso, system_clock
 from gateway.config import GenerationLookupConfig, TierConfig
 from gateway.money import markup_for, to_decimal
+from gateway.pacing import Pacer
 from gateway.store.usage import PENDING, SETTLED, UNSETTLED, Settlement, UsageRecord
 from gateway.upstream import UpstreamClient, UpstreamConnectionError
 
@@ -108,6 +112,7 @@ class Settler:
         is_free: Callable[[str | None], bool] = lambda model: False,
         clock: Clock = system_clock,
         concurrency: int = 16,
+        pacer: Pacer | None = None,
     ) -> None:
         self._upstream = upstream
         self._cfg = lookup
@@ -119,6 +124,8 @@ class Settler:
         self._seq = itertools.count()
         self._wake = asyncio.Event()
         self._limit = asyncio.Semaphore(concurrency)
+        self._max_running = concurrency
+        self._pacer = pacer
         self._running: set[asyncio.Task[None]] = set()
         self.lookups = 0
 
@@ -159,22 +166,28 @@ class Settler:
     # -- running ----------------------------------------------------------------
 
     def start_due(self) -> list[asyncio.Task[None]]:
-        """Start the look-ups that are due now; returns their tasks."""
+        """Start due look-ups, at most `concurrency` at a time (a backlog waits in the heap, not as tasks)."""
         now = self._clock()
         started = []
-        while self._heap and self._heap[0][0] <= now:
+        while self._heap and self._heap[0][0] <= now and len(self._running) < self._max_running:
             _, _, pending = heapq.heappop(self._heap)
             task = asyncio.ensure_future(self._settle_guarded(pending))
             self._running.add(task)
-            task.add_done_callback(self._running.discard)
+            task.add_done_callback(self._finished)
             started.append(task)
         return started
 
+    def _finished(self, task: "asyncio.Task[None]") -> None:
+        self._running.discard(task)
+        self._wake.set()  # a slot is free: the run loop may start the next due look-up
+
     async def settle_due(self) -> int:
         """Run every due look-up to completion (tests drive time with an injected clock)."""
-        tasks = self.start_due()
-        await asyncio.gather(*tasks)
-        return len(tasks)
+        done = 0
+        while tasks := self.start_due():
+            await asyncio.gather(*tasks)
+            done += len(tasks)
+        return done
 
     async def run(self) -> None:
         while True:
@@ -197,6 +210,8 @@ class Settler:
     async def _settle_guarded(self, pending: PendingGeneration) -> None:
         try:
             async with self._limit:
+                if self._pacer is not None:
+                    await self._pacer.acquire()  # spare CPU only, or the floor rate when saturated
                 await self.settle(pending)
         except asyncio.CancelledError:
             raise

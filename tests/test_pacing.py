@@ -1,0 +1,57 @@
+"""Background work yields to traffic: through at once with spare CPU, at the floor rate when saturated."""
+
+import pytest
+
+from gateway.pacing import CpuMeter, Pacer
+
+
+class Clocks:
+    def __init__(self) -> None:
+        self.cpu = 0.0
+        self.wall = 0.0
+
+
+def test_the_meter_reports_cpu_share_over_the_last_interval() -> None:
+    clocks = Clocks()
+    meter = CpuMeter(cpu_clock=lambda: clocks.cpu, wall_clock=lambda: clocks.wall)
+    clocks.wall, clocks.cpu = 0.1, 0.09
+    assert meter.sample() == pytest.approx(0.9)
+    clocks.wall, clocks.cpu = 0.2, 0.10
+    assert meter.sample() == pytest.approx(0.1)
+
+
+@pytest.mark.anyio
+async def test_spare_cpu_lets_work_through_without_waiting() -> None:
+    clocks = Clocks()
+    meter = CpuMeter(cpu_clock=lambda: clocks.cpu, wall_clock=lambda: clocks.wall)
+    slept: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        slept.append(seconds)
+
+    pacer = Pacer(meter, busy_share=0.6, floor_per_s=10, clock=lambda: clocks.wall, sleep=sleep)
+    for _ in range(100):
+        await pacer.acquire()
+    assert slept == [] and pacer.throttled == 0
+
+
+@pytest.mark.anyio
+async def test_a_saturated_process_gets_the_floor_rate_and_catches_up_after() -> None:
+    clocks = Clocks()
+    meter = CpuMeter(cpu_clock=lambda: clocks.cpu, wall_clock=lambda: clocks.wall)
+    clocks.wall, clocks.cpu = 1.0, 0.95
+    meter.sample()  # 95% busy
+
+    async def sleep(seconds: float) -> None:
+        clocks.wall += seconds
+
+    pacer = Pacer(meter, busy_share=0.6, floor_per_s=10, clock=lambda: clocks.wall, sleep=sleep)
+    start = clocks.wall
+    for _ in range(5):
+        await pacer.acquire()
+    assert clocks.wall - start == pytest.approx(0.4)  # 5 turns at 10/s: the first at once, then 0.1 s apart
+    meter.share = 0.1  # the load eased
+    before = clocks.wall
+    for _ in range(50):
+        await pacer.acquire()
+    assert clocks.wall == before
