@@ -4,6 +4,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TEST_STAMP := $(VENV)/.installed-test
+# LiteLLM, the optional peer of `make bench-peers`, lives in its own venv, never in $(VENV)
+PEERS_VENV := .venv-peers
+PEERS_STAMP := $(PEERS_VENV)/.installed
 
 .PHONY: run demo test bench bench-peers init clean
 
@@ -34,5 +37,14 @@ test: $(TEST_STAMP)
 bench: $(TEST_STAMP)
 	$(BIN)/python -m bench
 
+$(PEERS_STAMP):
+	$(PYTHON) -m venv $(PEERS_VENV)
+	{ $(PEERS_VENV)/bin/pip install --quiet --upgrade pip && $(PEERS_VENV)/bin/pip install --quiet 'litellm[proxy]'; } || { \
+	  echo "bench-peers: could not install litellm[proxy] into $(PEERS_VENV) (is PyPI reachable?)" >&2; exit 1; }
+	touch $@
+
+bench-peers: $(TEST_STAMP) $(PEERS_STAMP)
+	$(BIN)/python -m bench.peers
+
 clean:
-	rm -rf $(VENV) data .pytest_cache
+	rm -rf $(VENV) $(PEERS_VENV) data .pytest_cache
