@@ -29,7 +29,15 @@ import orjson
 
 from bench import load, report
 from bench.servers import (
-    BACK_CPU, BENCH_KEY, FRONT_CPU, ROOT, Server, configure_upstream, pinning, start_gateway, start_minimal,
+    BACK_CPU,
+    BENCH_KEY,
+    FRONT_CPU,
+    ROOT,
+    Server,
+    configure_upstream,
+    pinning,
+    start_gateway,
+    start_minimal,
     start_upstream,
 )
 
@@ -49,7 +57,7 @@ class Settings:
 
 
 FULL = Settings(duration=5, warmup=1, chunks=200, concurrent_streams=1000, concurrent_chunks=200, chunk_delay_ms=50)
-QUICK = Settings(duration=0.5, warmup=0, chunks=20, concurrent_streams=50, concurrent_chunks=20, chunk_delay_ms=5,
+QUICK = Settings(duration=1.0, warmup=0, chunks=20, concurrent_streams=50, concurrent_chunks=20, chunk_delay_ms=5,
                warm_requests=5)
 
 
@@ -220,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="about 1 s per run, small stream counts (smoke test)")
     parser.add_argument("--duration", type=float,
-                        help="seconds measured per run (default 5; quick 0.5, wrk runs at least 1)")
+                        help="seconds measured per run (default 5; quick 1)")
     parser.add_argument("--load", choices=("auto", "wrk", "python"), default="auto",
                         help="non-streaming load generator (default: wrk when available)")
     parser.add_argument("--no-install", action="store_true", help="never apt-get install wrk")

@@ -24,8 +24,8 @@ from gateway.catalog import Catalog
 from gateway.clock import Clock, system_clock
 from gateway.config import Config
 from gateway.directory import Directory
-from gateway.metrics import Metrics, route_label
 from gateway.errors import GatewayError
+from gateway.metrics import Metrics, route_label
 from gateway.proxy import (
     Admission,
     AsSent,

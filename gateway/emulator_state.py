@@ -19,7 +19,12 @@ from datetime import date, datetime, timedelta, timezone
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
-from gateway.emulator_catalogue import DATA_POLICY_MODEL, ZERO, Catalogue, CatalogueModel
+from gateway.emulator_catalogue import (
+    DATA_POLICY_MODEL,
+    ZERO,
+    Catalogue,
+    CatalogueModel,
+)
 
 WORKSPACE_ID = "default"
 _ALNUM = string.ascii_letters + string.digits

@@ -11,13 +11,12 @@ the provisioning service tell an abandoned operation from one still in flight.
 from __future__ import annotations
 
 import asyncio
-import json
 import re
 from decimal import Decimal
 from typing import Any
 
 from gateway.errors import GatewayError, ServiceUnavailable
-from gateway.upstream import UpstreamClient, UpstreamConnectionError, parse_json
+from gateway.upstream import UpstreamClient, UpstreamConnectionError
 
 MISSING_MANAGEMENT_KEY = (
     "No OpenRouter management key is configured, so managed keys cannot be created or changed. "
@@ -107,7 +106,9 @@ class KeyApi:
         self.require()
         assert self._key is not None
         try:
-            status, body = await asyncio.wait_for(self._send(method, path, payload, retry), self.timeout_s)
+            status, body = await asyncio.wait_for(
+                self._upstream.call(method, path, key=self._key, payload=payload, retry=retry), self.timeout_s
+            )
         except (UpstreamConnectionError, asyncio.TimeoutError):
             raise KeyApiError(
                 f"OpenRouter could not be reached while {what} (no answer within {self.timeout_s:g} s); "
@@ -116,30 +117,6 @@ class KeyApi:
         if status in expect:
             return body if isinstance(body, dict) else {}
         raise _failure(status, body, what)
-
-    async def _send(self, method: str, path: str, payload: Any, retry: bool) -> tuple[int, Any]:
-        body = encode(payload) if payload is not None else None
-        headers = {"content-type": "application/json"} if body is not None else {}
-        assert self._key is not None
-        response = await self._upstream.open(method, path, key=self._key, body=body, headers=headers,
-                                             retries=None if retry else 0)
-        try:
-            raw = await response.read()
-        finally:
-            await response.close()
-        try:
-            return response.status, parse_json(raw) if raw else None
-        except ValueError:
-            return response.status, {"error": {"message": raw[:200].decode("utf-8", "replace")}}
-
-
-def encode(payload: dict[str, Any]) -> bytes:
-    """A flat JSON object with Decimals written as exact JSON numbers (OpenRouter wants `limit` a number)."""
-    parts = [
-        json.dumps(name) + ":" + (format(value, "f") if isinstance(value, Decimal) else json.dumps(value))
-        for name, value in payload.items()
-    ]
-    return ("{" + ",".join(parts) + "}").encode()
 
 
 def _failure(status: int, body: Any, what: str) -> KeyApiError:

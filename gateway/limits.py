@@ -36,7 +36,14 @@ from gateway.errors import PaymentRequired, RateLimited
 from gateway.money import ZERO, charged, to_decimal
 from gateway.proxy import ProxyRequest
 from gateway.sse import Observation
-from gateway.windows import PERIODS, SlidingWindow, expiry, frees_at, period_end, period_start
+from gateway.windows import (
+    PERIODS,
+    SlidingWindow,
+    expiry,
+    frees_at,
+    period_end,
+    period_start,
+)
 
 if TYPE_CHECKING:
     from gateway.app import Gateway

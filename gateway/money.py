@@ -8,6 +8,8 @@ from __future__ import annotations
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
+import orjson
+
 from gateway.config import TierConfig
 
 ZERO = Decimal(0)
@@ -38,3 +40,35 @@ def markup_for(provider_cost: Decimal, tier_name: str, tier: TierConfig, *, free
 def charged(provider_cost: Decimal, tier: TierConfig, *, free: bool) -> Decimal:
     """What the user pays: provider cost plus markup (what budgets count)."""
     return ZERO if free else provider_cost + provider_cost * tier.markup_pct / 100
+
+
+def dumps(payload: Any) -> bytes:
+    """JSON with Decimals written as exact numbers (never through float): API bodies and upstream payloads."""
+    body = orjson.dumps(payload, default=_mark)
+    if b'"\\u0000D:' in body:
+        body = _unmark(body)
+    return body
+
+
+_MARK = "\x00D:"
+
+
+def _mark(value: Any) -> Any:
+    if isinstance(value, Decimal):
+        return _MARK + format(value, "f")
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+def _unmark(body: bytes) -> bytes:
+    out = []
+    start = 0
+    token = b'"\\u0000D:'
+    while True:
+        index = body.find(token, start)
+        if index < 0:
+            out.append(body[start:])
+            return b"".join(out)
+        end = body.index(b'"', index + len(token))
+        out.append(body[start:index])
+        out.append(body[index + len(token) : end])
+        start = end + 1

@@ -6,7 +6,11 @@ from pathlib import Path
 from typing import Callable
 
 from gateway.config import Config, load_config
-from gateway.secrets_files import admin_token_hash, new_admin_token, write_admin_token_hash
+from gateway.secrets_files import (
+    admin_token_hash,
+    new_admin_token,
+    write_admin_token_hash,
+)
 from gateway.vault import ensure_key_file
 
 CONFIG_TEMPLATE = """\

@@ -17,6 +17,8 @@ from decimal import Decimal
 from email.utils import parsedate_to_datetime
 from typing import Any, AsyncIterator, Awaitable, Callable, Mapping, Protocol
 
+from gateway.money import dumps
+
 RETRYABLE_STATUSES = frozenset({429, 502, 503})
 
 
@@ -295,7 +297,7 @@ class UpstreamClient:
         self, method: str, path: str, *, key: str, payload: Any = None, retry: bool = True
     ) -> tuple[int, Any]:
         """A control-plane call (key, generation, models, credits, keys): status and Decimal-parsed JSON."""
-        body = json.dumps(payload, default=str).encode() if payload is not None else None
+        body = dumps(payload) if payload is not None else None
         headers = {"content-type": "application/json"} if body is not None else {}
         response = await self.open(method, path, key=key, body=body, headers=headers, retries=None if retry else 0)
         try:

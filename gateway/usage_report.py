@@ -18,10 +18,11 @@ import asyncio
 import csv
 import io
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import datetime
 from decimal import Decimal
 from typing import Any, Iterable
 
+from gateway import windows
 from gateway.clock import Clock, iso, system_clock
 from gateway.config import Config
 from gateway.errors import BadRequest
@@ -50,15 +51,9 @@ def choice(name: str, value: str | None, allowed: tuple[str, ...], default: str)
 
 def period_start(period: str, now: float) -> datetime:
     """The start (UTC) of the current day, week (Monday) or month containing `now`."""
-    moment = datetime.fromtimestamp(now, timezone.utc)
-    day = moment.replace(hour=0, minute=0, second=0, microsecond=0)
-    if period == "day":
-        return day
-    if period == "week":
-        return day - timedelta(days=day.weekday())
-    if period == "month":
-        return day.replace(day=1)
-    raise BadRequest(f"Unknown period {period!r}; use one of: {', '.join(PERIODS)}.", param="period")
+    if period not in PERIODS:
+        raise BadRequest(f"Unknown period {period!r}; use one of: {', '.join(PERIODS)}.", param="period")
+    return windows.period_start(period, now)
 
 
 @dataclass(slots=True)
@@ -192,7 +187,9 @@ def run_usage_command(args: argparse.Namespace, config: Config, *, clock: Clock 
 
     report = asyncio.run(work())
     if fmt == "json":
-        from gateway.routes.common import dumps  # exact Decimal JSON, the same bytes the API writes
+        from gateway.routes.common import (
+            dumps,  # exact Decimal JSON, the same bytes the API writes
+        )
 
         print(dumps(report).decode())
     elif fmt == "csv":

@@ -21,7 +21,13 @@ from gateway.sse import Observation, observe_body
 from gateway.store import Store
 from gateway.store.usage import COLUMNS, PENDING, SETTLED, UNSETTLED
 from gateway.upstream import UpstreamConnectionError
-from gateway.usage_report import aggregate, choice, period_start, report_csv, usage_report
+from gateway.usage_report import (
+    aggregate,
+    choice,
+    period_start,
+    report_csv,
+    usage_report,
+)
 
 T0 = 1_767_225_600.0  # 2026-01-01T00:00:00Z, a Thursday
 

@@ -18,7 +18,12 @@ import httpx
 import pytest
 import uvicorn
 
-from gateway.emulator import DEMO_KEY, DEMO_MANAGEMENT_KEY, EmulatorState, create_emulator_app
+from gateway.emulator import (
+    DEMO_KEY,
+    DEMO_MANAGEMENT_KEY,
+    EmulatorState,
+    create_emulator_app,
+)
 
 BASE = "http://emulator/api/v1"
 MINI_PROMPT, MINI_COMPLETION = Decimal("0.00000015"), Decimal("0.0000006")  # openai/gpt-4o-mini

@@ -5,7 +5,13 @@ from __future__ import annotations
 import orjson
 import pytest
 
-from gateway.errors import BadRequest, GatewayError, PayloadTooLarge, RateLimited, upstream_error_body
+from gateway.errors import (
+    BadRequest,
+    GatewayError,
+    PayloadTooLarge,
+    RateLimited,
+    upstream_error_body,
+)
 
 
 def test_gateway_errors_render_openais_envelope():

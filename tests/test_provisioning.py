@@ -16,7 +16,8 @@ from gateway.config import Config
 from gateway.emulator import DEMO_MANAGEMENT_KEY, create_emulator_app
 from gateway.emulator_state import EmulatorState, Plan
 from gateway.errors import GatewayError
-from gateway.key_api import KeyApi, encode
+from gateway.key_api import KeyApi
+from gateway.money import dumps
 from gateway.provisioning import Provisioner
 from gateway.store import Store
 from gateway.store.managed_keys import ManagedKeyOperations
@@ -386,5 +387,5 @@ async def test_failed_recovery_is_retried_and_keeps_the_record(world: World) -> 
 
 
 def test_limits_are_sent_as_exact_json_numbers() -> None:
-    assert encode({"name": "gateway:u", "limit": Decimal("0.10"), "limit_reset": None}) == (
+    assert dumps({"name": "gateway:u", "limit": Decimal("0.10"), "limit_reset": None}) == (
         b'{"name":"gateway:u","limit":0.10,"limit_reset":null}')

@@ -12,7 +12,12 @@ from gateway.auth import Principal
 from gateway.errors import BadRequest
 from gateway.proxy import ProxyRequest
 from gateway.store import Store
-from gateway.user_settings import DefaultsPreparer, SettingsBook, UserSettings, validate_changes
+from gateway.user_settings import (
+    DefaultsPreparer,
+    SettingsBook,
+    UserSettings,
+    validate_changes,
+)
 
 PRINCIPAL = Principal(user_id="u1", token_id="t1", tier="starter", status="active", overrides={}, key=None)
 

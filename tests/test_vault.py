@@ -8,7 +8,14 @@ from pathlib import Path
 import pytest
 from cryptography.fernet import Fernet
 
-from gateway.vault import Vault, VaultError, ensure_key_file, mask_key, parse_master_keys, write_key_file
+from gateway.vault import (
+    Vault,
+    VaultError,
+    ensure_key_file,
+    mask_key,
+    parse_master_keys,
+    write_key_file,
+)
 
 SECRET = "sk-or-v1-" + "0123456789abcdef" * 4
 

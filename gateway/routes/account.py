@@ -22,7 +22,14 @@ from gateway.credits import CreditsUnavailable, KeyRejected, credits_view, fetch
 from gateway.errors import BadGateway, NotFound, PaymentRequired
 from gateway.openrouter_keys import connect_byok
 from gateway.proxy import NO_KEY_MESSAGE
-from gateway.routes.common import gateway_of, json_body, json_response, mirrored, only_fields, principal_of
+from gateway.routes.common import (
+    gateway_of,
+    json_body,
+    json_response,
+    mirrored,
+    only_fields,
+    principal_of,
+)
 from gateway.user_settings import validate_changes
 
 

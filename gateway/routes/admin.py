@@ -11,7 +11,14 @@ from starlette.routing import BaseRoute, Route
 
 from gateway.errors import BadRequest, NotFound
 from gateway.openrouter_keys import connect_byok
-from gateway.routes.common import gateway_of, json_body, json_response, only_fields, query_int, field_of
+from gateway.routes.common import (
+    field_of,
+    gateway_of,
+    json_body,
+    json_response,
+    only_fields,
+    query_int,
+)
 
 PREFIX = "/admin/v1"
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from decimal import Decimal
 from typing import TYPE_CHECKING, Any, Iterable
 
 import orjson
@@ -10,7 +9,13 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
-from gateway.errors import BadRequest, GatewayError, PayloadTooLarge, UnsupportedMediaType
+from gateway.errors import (
+    BadRequest,
+    GatewayError,
+    PayloadTooLarge,
+    UnsupportedMediaType,
+)
+from gateway.money import dumps
 
 if TYPE_CHECKING:
     from gateway.app import Gateway
@@ -19,38 +24,6 @@ if TYPE_CHECKING:
 
 def gateway_of(request: Request) -> "Gateway":
     return request.app.state.gateway
-
-
-def dumps(payload: Any) -> bytes:
-    """JSON with Decimals written as exact numbers (never through float)."""
-    body = orjson.dumps(payload, default=_mark)
-    if b'"\\u0000D:' in body:
-        body = _unmark(body)
-    return body
-
-
-_MARK = "\x00D:"
-
-
-def _mark(value: Any) -> Any:
-    if isinstance(value, Decimal):
-        return _MARK + format(value, "f")
-    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
-
-
-def _unmark(body: bytes) -> bytes:
-    out = []
-    start = 0
-    token = b'"\\u0000D:'
-    while True:
-        index = body.find(token, start)
-        if index < 0:
-            out.append(body[start:])
-            return b"".join(out)
-        end = body.index(b'"', index + len(token))
-        out.append(body[start:index])
-        out.append(body[index + len(token) : end])
-        start = end + 1
 
 
 def json_response(payload: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:

@@ -16,7 +16,14 @@ from starlette.routing import BaseRoute
 
 from gateway.auth import bearer
 from gateway.clock import iso
-from gateway.limits import BUDGETS, HOUR_BUCKET_S, MINUTE_BUCKET_S, Limits, Snapshot, first_refusal
+from gateway.limits import (
+    BUDGETS,
+    HOUR_BUCKET_S,
+    MINUTE_BUCKET_S,
+    Limits,
+    Snapshot,
+    first_refusal,
+)
 from gateway.money import ZERO
 from gateway.routes.common import gateway_of, json_response, mirrored, principal_of
 from gateway.store.tokens import display_prefix

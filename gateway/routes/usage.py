@@ -17,7 +17,14 @@ from starlette.routing import BaseRoute, Route
 from gateway.errors import NotFound
 from gateway.generations import generation_view, parse_generation_id
 from gateway.routes.common import gateway_of, json_response, mirrored, principal_of
-from gateway.usage_report import API_FORMATS, GROUPS, PERIODS, choice, report_csv, usage_report
+from gateway.usage_report import (
+    API_FORMATS,
+    GROUPS,
+    PERIODS,
+    choice,
+    report_csv,
+    usage_report,
+)
 
 log = logging.getLogger("gateway.routes.usage")
 

@@ -21,9 +21,8 @@ from typing import Any
 
 import httpx
 import pytest
+from conftest import Emulator, GatewayProcess, start_gateway
 from openrouter import OpenRouter
-
-from conftest import ROOT, Emulator, GatewayProcess, start_gateway
 
 CHAT_BODY = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
 

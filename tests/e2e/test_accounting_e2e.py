@@ -20,9 +20,16 @@ from typing import Any, Callable, Iterator
 import httpx
 import openai
 import pytest
+from conftest import (
+    ROOT,
+    Emulator,
+    GatewayProcess,
+    free_port,
+    start_gateway,
+    stop_process,
+    wait_http,
+)
 from openrouter import OpenRouter
-
-from conftest import ROOT, Emulator, GatewayProcess, free_port, start_gateway, stop_process, wait_http
 
 MODEL = "openai/gpt-4o-mini"
 FREE_MODEL = "meta-llama/llama-3.3-70b-instruct:free"

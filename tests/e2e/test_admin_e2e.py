@@ -15,7 +15,6 @@ from typing import Any, Iterator
 
 import httpx
 import pytest
-
 from conftest import ADMIN_TOKEN, Emulator, GatewayProcess, start_gateway
 
 CHAT = {"model": "openai/gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5}

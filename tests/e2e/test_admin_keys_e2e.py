@@ -14,7 +14,13 @@ import openai
 import pytest
 
 from gateway.emulator import DEMO_MANAGEMENT_KEY
-from tests.conftest import ADMIN_TOKEN, Emulator, GatewayProcess, _unlimited_tiers, start_gateway
+from tests.conftest import (
+    ADMIN_TOKEN,
+    Emulator,
+    GatewayProcess,
+    _unlimited_tiers,
+    start_gateway,
+)
 
 CHAT = {"model": "openai/gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
 FULL_KEY = re.compile(r"sk-or-v1-[0-9a-f]{16,}")

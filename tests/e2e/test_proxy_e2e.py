@@ -16,7 +16,6 @@ from typing import Any, Iterator
 import httpx
 import orjson
 import pytest
-
 from conftest import Emulator, GatewayProcess, start_gateway
 
 REFERER = "https://platform.example"

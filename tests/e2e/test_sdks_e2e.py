@@ -12,10 +12,9 @@ from typing import Any
 import httpx
 import openai
 import pytest
+from conftest import Emulator, GatewayProcess
 from openrouter import OpenRouter
 from openrouter import errors as or_errors
-
-from conftest import Emulator, GatewayProcess
 
 MESSAGES = [{"role": "user", "content": "Say hello, please!"}]
 MODEL = "openai/gpt-4o-mini"

@@ -16,7 +16,6 @@ from typing import Iterator
 import httpx
 import orjson
 import pytest
-
 from conftest import ROOT, free_port, start_gateway, stop_process, wait_http
 
 
