@@ -21,6 +21,7 @@ across instances without read-modify-write races). Spend is loaded once at start
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import secrets
@@ -85,7 +86,9 @@ class Limits:
 
 @dataclass(slots=True)
 class Snapshot:
-    """A user's counters at one moment, as either backend reads them (money in Decimal)."""
+    """A user's counters at one moment, as either backend reads them (money in Decimal).
+
+    Bucket dicts are in ascending bucket order, so the oldest bucket is the first key."""
 
     minute: dict[int, int] = field(default_factory=dict)  # bucket → requests
     hour: dict[int, int] = field(default_factory=dict)  # bucket → requests
@@ -93,16 +96,19 @@ class Snapshot:
     inflight: int = 0
     reserved: Decimal = ZERO
     spend: dict[str, Decimal] = field(default_factory=dict)  # "day"/"week"/"month"/"all" → charged
+    minute_total: int | None = None  # the windows' sums when the backend keeps them (else summed here)
+    hour_total: int | None = None
+    tokens_total: int | None = None
 
     def used(self, name: str) -> int | Decimal:
         if name == "requests_per_minute":
-            return sum(self.minute.values())
+            return self.minute_total if self.minute_total is not None else sum(self.minute.values())
         if name == "requests_per_hour":
-            return sum(self.hour.values())
+            return self.hour_total if self.hour_total is not None else sum(self.hour.values())
         if name == "max_concurrent":
             return self.inflight
         if name == "tokens_per_hour":
-            return sum(self.tokens.values())
+            return self.tokens_total if self.tokens_total is not None else sum(self.tokens.values())
         return self.spend.get(BUDGETS[name], ZERO) + self.reserved
 
 
@@ -192,9 +198,20 @@ class Limiter:
         self.clock = clock
         self.default_estimate = config.accounting.default_estimate_usd
         self.ledger_attached = False  # the ledger's listeners then count spend and tokens
+        self._limits: dict[str, tuple[Principal, Limits]] = {}
+        self._ticket_prefix = secrets.token_hex(6) + "-"
+        self._tickets = itertools.count()
 
     def limits_of(self, principal: Principal) -> Limits:
-        return Limits.of(self.config.tier(principal.tier), principal.overrides)
+        """The user's limits, computed once per cached principal (a change to the user replaces it)."""
+        cached = self._limits.get(principal.user_id)
+        if cached is not None and cached[0] is principal:
+            return cached[1]
+        limits = Limits.of(self.config.tier(principal.tier), principal.overrides)
+        if len(self._limits) > 100_000:
+            self._limits.clear()
+        self._limits[principal.user_id] = (principal, limits)
+        return limits
 
     def is_free(self, request: ProxyRequest) -> bool:
         models = [request.model, *_fallback_models(request.body)]
@@ -211,9 +228,10 @@ class Limiter:
     async def admit(self, principal: Principal, request: ProxyRequest) -> LimitTicket:
         limits = self.limits_of(principal)
         free = self.is_free(request)
-        reserve = ZERO if free else self.estimate(principal, request)
+        reserve = ZERO if free or not (limits.daily_budget_usd or limits.monthly_budget_usd) else (
+            self.estimate(principal, request))  # reservations only matter against a budget
         now = self.clock()
-        ticket_id = secrets.token_hex(8)
+        ticket_id = self._ticket_prefix + str(next(self._tickets))  # unique across instances (Redis keys)
         refused, snapshot = await self.counters.acquire(principal.user_id, ticket_id, limits, reserve, free, now)
         if refused is not None:
             raise refusal(refused, limits, snapshot, now)
@@ -331,8 +349,8 @@ def success_headers(limits: Limits, before: Snapshot, now: float) -> list[tuple[
         value = getattr(limits, name)
         if value is None:
             continue
-        remaining = max(value - sum(buckets.values()) - 1, 0)
-        oldest = min(buckets) if buckets else int(now // bucket_s)
+        remaining = max(value - int(before.used(name)) - 1, 0)
+        oldest = next(iter(buckets)) if buckets else int(now // bucket_s)
         if best is None or remaining < best[1]:
             best = (value, remaining, expiry(oldest, bucket_s))
     if best is None:

@@ -15,28 +15,36 @@ from gateway.windows import PERIODS, SlidingWindow, period_id
 
 
 class _UserCounters:
-    __slots__ = ("minute", "hour", "tokens", "inflight", "spend", "total")
+    __slots__ = ("minute", "hour", "tokens", "inflight", "reserved", "spend", "total")
 
     def __init__(self) -> None:
         self.minute = SlidingWindow(MINUTE)
         self.hour = SlidingWindow(HOUR)
         self.tokens = SlidingWindow(HOUR)
         self.inflight: dict[str, Decimal] = {}  # ticket → reserved charge
+        self.reserved = ZERO  # the sum of `inflight`, kept as it changes
         self.spend: dict[str, tuple[str, Decimal]] = {}  # period → (period id, charged in it)
         self.total = ZERO
 
-    def snapshot(self, now: float) -> Snapshot:
+    def snapshot(self, now: float, *, live: bool = False) -> Snapshot:
+        """The counters now; `live` shares the bucket dicts instead of copying them (admission only:
+        it reads the snapshot before counting the request, and the totals are taken here)."""
         spend = {"all": self.total}
+        held_spend = self.spend
         for period in PERIODS:
-            held = self.spend.get(period)
+            held = held_spend.get(period)
             spend[period] = held[1] if held is not None and held[0] == period_id(period, now) else ZERO
+        window = SlidingWindow.view if live else SlidingWindow.buckets
         return Snapshot(
-            minute=self.minute.buckets(now),
-            hour=self.hour.buckets(now),
-            tokens=self.tokens.buckets(now),
+            minute=window(self.minute, now),
+            hour=window(self.hour, now),
+            tokens=window(self.tokens, now),
             inflight=len(self.inflight),
-            reserved=sum(self.inflight.values(), ZERO),
+            reserved=self.reserved,
             spend=spend,
+            minute_total=self.minute.total,
+            hour_total=self.hour.total,
+            tokens_total=self.tokens.total,
         )
 
     def add_spend(self, at: float, amount: Decimal) -> None:
@@ -65,18 +73,21 @@ class MemoryCounters:
         self, user_id: str, ticket_id: str, limits: Limits, reserve: Decimal, free: bool, now: float
     ) -> tuple[str | None, Snapshot]:
         user = self._user(user_id)
-        before = user.snapshot(now)
+        before = user.snapshot(now, live=True)
         refused = first_refusal(limits, before, free=free)
         if refused is None:
             user.minute.add(now)
             user.hour.add(now)
             user.inflight[ticket_id] = reserve
+            user.reserved += reserve
         return refused, before
 
     def finish(self, user_id: str, ticket_id: str, now: float) -> None:
         user = self._users.get(user_id)
         if user is not None:
-            user.inflight.pop(ticket_id, None)
+            held = user.inflight.pop(ticket_id, None)
+            if held is not None:
+                user.reserved -= held
 
     def spend(self, user_id: str, at: float, amount: Decimal, tokens: int, now: float) -> None:
         user = self._user(user_id)

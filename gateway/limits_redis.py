@@ -107,7 +107,8 @@ def from_pico(value: Any) -> Decimal:
 
 
 def _buckets(flat: list[Any]) -> dict[int, int]:
-    return {int(flat[i]): int(flat[i + 1]) for i in range(0, len(flat), 2)}
+    """Bucket → count in ascending bucket order (Snapshot's contract; Redis hashes are unordered)."""
+    return dict(sorted((int(flat[i]), int(flat[i + 1])) for i in range(0, len(flat), 2)))
 
 
 def _limit(value: int | Decimal | None, money: bool = False) -> int:
@@ -243,7 +244,7 @@ class RedisCounters:
 
         def window(raw: dict[str, str], bucket_s: float) -> dict[int, int]:
             oldest = int(now // bucket_s) - 59
-            return {int(b): int(c) for b, c in raw.items() if int(b) >= oldest}
+            return dict(sorted((int(b), int(c)) for b, c in raw.items() if int(b) >= oldest))
 
         return Snapshot(
             minute=window(minute, MINUTE_BUCKET_S), hour=window(hour, HOUR_BUCKET_S),

@@ -20,33 +20,47 @@ BUCKETS = 60
 
 
 class SlidingWindow:
-    """Counts (requests or tokens) in the last `span_s` seconds, in `BUCKETS` buckets."""
+    """Counts (requests or tokens) in the last `span_s` seconds, in `BUCKETS` buckets.
 
-    __slots__ = ("span_s", "bucket_s", "_buckets")
+    The running `total` is kept with the buckets and old buckets are dropped only when
+    the current bucket changes, so counting a request is O(1) on the hot path.
+    """
+
+    __slots__ = ("span_s", "bucket_s", "_buckets", "_current", "total")
 
     def __init__(self, span_s: float) -> None:
         self.span_s = span_s
         self.bucket_s = span_s / BUCKETS
         self._buckets: dict[int, int] = {}
+        self._current = -1
+        self.total = 0
 
     def _prune(self, now: float) -> int:
         current = int(now // self.bucket_s)
-        oldest = current - BUCKETS + 1
-        if self._buckets and min(self._buckets) < oldest:
-            self._buckets = {k: v for k, v in self._buckets.items() if k >= oldest}
+        if current != self._current:
+            self._current = current
+            oldest = current - BUCKETS + 1
+            if self._buckets and min(self._buckets) < oldest:
+                self._buckets = {k: v for k, v in self._buckets.items() if k >= oldest}
+                self.total = sum(self._buckets.values())
         return current
 
     def count(self, now: float) -> int:
         self._prune(now)
-        return sum(self._buckets.values())
+        return self.total
 
     def add(self, now: float, amount: int = 1) -> None:
         current = self._prune(now)
         self._buckets[current] = self._buckets.get(current, 0) + amount
+        self.total += amount
+
+    def view(self, now: float) -> dict[int, int]:
+        """The live buckets (not a copy): read it before changing the window again."""
+        self._prune(now)
+        return self._buckets
 
     def buckets(self, now: float) -> dict[int, int]:
-        self._prune(now)
-        return dict(self._buckets)
+        return dict(self.view(now))
 
     def frees_at(self, now: float, limit: int) -> float:
         """When the count falls below `limit` again (now, if it already is)."""
@@ -54,7 +68,7 @@ class SlidingWindow:
 
     def next_expiry(self, now: float) -> float:
         """When the oldest counted item leaves the window (now, if the window is empty)."""
-        buckets = self.buckets(now)
+        buckets = self.view(now)
         return expiry(min(buckets), self.bucket_s) if buckets else now
 
 
