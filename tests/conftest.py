@@ -197,3 +197,21 @@ def _unlimited_tiers() -> dict[str, Any]:
 def user(gateway: GatewayProcess, emulator: Emulator) -> dict[str, Any]:
     """A fresh user with their own emulator key and a platform token."""
     return gateway.create_user(tier="starter", key=emulator.new_key())
+
+
+REDIS_URL = os.environ.get("GATEWAY_TEST_REDIS_URL", "redis://127.0.0.1:6379")
+
+
+def redis_url_or_skip(db: int) -> str:
+    """Redis for the several-instance cases: skipped loudly when absent, a failure under CI=true."""
+    import redis
+
+    url = f"{REDIS_URL.rstrip('/')}/{db}"
+    try:
+        redis.Redis.from_url(url, socket_timeout=2).ping()
+    except redis.RedisError as exc:
+        reason = f"Redis unreachable at {REDIS_URL} ({type(exc).__name__}); run `bash .ci/services`"
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI=true and {reason}")
+        pytest.skip(f"SKIPPED LOUDLY: {reason}")
+    return url

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import os
 from datetime import datetime, timezone
 from decimal import Decimal
 from typing import Any, AsyncIterator
 
 import pytest
+from conftest import redis_url_or_skip
 
 from gateway.auth import Principal
 from gateway.catalog import ModelPrice
@@ -66,22 +66,6 @@ def make(counters: Any, markup: str = "0", **tier: Any) -> tuple[Limiter, Clock]
     return Limiter(config, counters, FakeCatalog(), clock=clock), clock
 
 
-REDIS_URL = os.environ.get("GATEWAY_TEST_REDIS_URL", "redis://127.0.0.1:6379")
-
-
-def redis_url_or_skip(db: int) -> str:
-    """Redis for the shared-counter cases: skipped loudly when absent, a failure under CI=true."""
-    import redis
-
-    url = f"{REDIS_URL.rstrip('/')}/{db}"
-    try:
-        redis.Redis.from_url(url, socket_timeout=2).ping()
-    except redis.RedisError as exc:
-        reason = f"Redis unreachable at {REDIS_URL} ({type(exc).__name__}); run `bash .ci/services`"
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"CI=true and {reason}")
-        pytest.skip(f"SKIPPED LOUDLY: {reason}")
-    return url
 
 
 @pytest.fixture(params=["memory", "redis"])

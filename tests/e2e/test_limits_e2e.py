@@ -6,7 +6,6 @@ budgets hold under 50 concurrent requests, also across two instances sharing Red
 from __future__ import annotations
 
 import asyncio
-import os
 import threading
 import time
 from decimal import Decimal
@@ -15,7 +14,7 @@ from typing import Any, Callable, Iterator
 
 import httpx
 import pytest
-from conftest import Emulator, GatewayProcess, start_gateway
+from conftest import Emulator, GatewayProcess, redis_url_or_skip, start_gateway
 from cryptography.fernet import Fernet
 from openrouter import OpenRouter
 
@@ -24,7 +23,6 @@ FREE = "meta-llama/llama-3.3-70b-instruct:free"
 HELLO = [{"role": "user", "content": "hi"}]  # one prompt token, in the emulator and in the estimate
 # 1 × 0.0000025 + 100 × 0.00001, plus the starter tier's 10 %: what one request with max_tokens=100 is charged
 ONE = (Decimal("0.0000025") + 100 * Decimal("0.00001")) * Decimal("1.1")
-REDIS_URL = os.environ.get("GATEWAY_TEST_REDIS_URL", "redis://127.0.0.1:6379")
 
 
 def chat(client: httpx.Client, model: str = PAID, **body: Any) -> httpx.Response:
@@ -208,24 +206,10 @@ def test_limit_routes_need_a_platform_token(gateway):
 # -- two instances, one Redis --------------------------------------------------------------------
 
 
-def _redis_url(db: int) -> str:
-    import redis
-
-    url = f"{REDIS_URL.rstrip('/')}/{db}"
-    try:
-        redis.Redis.from_url(url, socket_timeout=2).ping()
-    except redis.RedisError as exc:
-        reason = f"Redis unreachable at {REDIS_URL} ({type(exc).__name__}); run `bash .ci/services`"
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"CI=true and {reason}")
-        pytest.skip(f"SKIPPED LOUDLY: {reason}")
-    return url
-
-
 @pytest.fixture(scope="module")
 def pair(emulator: Emulator, tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[GatewayProcess]]:
     """Two gateways sharing one SQLite file, one master key and one Redis."""
-    url = _redis_url(db=14)
+    url = redis_url_or_skip(db=14)
     tmp: Path = tmp_path_factory.mktemp("pair")
     (tmp / "master.key").write_text(Fernet.generate_key().decode() + "\n")
     overrides = {"redis": {"url": url}, "database": {"url": f"sqlite:///{tmp}/shared.db"},
