@@ -169,7 +169,7 @@ class Ledger:
                 request,
                 observation,
                 tier=self._config.tier(principal.tier),
-                free=self._is_free(served) or self._is_free(request.model),
+                free=self._is_free(served) or (request.model != served and self._is_free(request.model)),
                 first_lookup_at=first_lookup_at,
             )
         except Exception:

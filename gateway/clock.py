@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import math
 import time
 from datetime import datetime, timezone
+from functools import lru_cache
 from typing import Callable
 
 Clock = Callable[[], float]  # seconds since the epoch, like time.time
@@ -14,8 +16,22 @@ def system_clock() -> float:
 
 
 def iso(ts: float) -> str:
-    """UTC ISO-8601 with microseconds and a Z: sorts as text in time order."""
-    return datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    """UTC ISO-8601 with microseconds and a Z: sorts as text in time order.
+
+    Called per request (usage records); the date-time part is formatted once per second.
+    """
+    if ts < 0:  # before 1970: not worth a fast path
+        return datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    fraction, whole = math.modf(ts)  # rounded as datetime.fromtimestamp rounds (half-even)
+    micros = round(fraction * 1e6)
+    if micros >= 1_000_000:
+        whole, micros = whole + 1, micros - 1_000_000
+    return f"{_second(int(whole))}.{micros:06d}Z"
+
+
+@lru_cache(maxsize=4)
+def _second(whole: int) -> str:
+    return datetime.fromtimestamp(whole, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")
 
 
 def parse_iso(text: str) -> float:

@@ -214,8 +214,9 @@ class Limiter:
         return limits
 
     def is_free(self, request: ProxyRequest) -> bool:
-        models = [request.model, *_fallback_models(request.body)]
-        return request.model is not None and all(self.catalog.is_free(m) for m in models)
+        if request.model is None or not self.catalog.is_free(request.model):
+            return False
+        return all(self.catalog.is_free(m) for m in _fallback_models(request.body))
 
     def estimate(self, principal: Principal, request: ProxyRequest) -> Decimal:
         """What the request may charge at most (as far as the catalogue tells), markup included."""
