@@ -5,7 +5,10 @@ Each target runs as its own one-worker process against the same fast fake upstre
 pass-through, (c) the gateway with `upstream.client: aiohttp` and (d) with `httpx`, both
 in their default shape (auth, limits, accounting) with a user, a key and a tier whose
 limits never trigger. For each: non-streaming and streaming at c=1 and c=32, then the
-issue-8 targets with PASS/FAIL. Results also go to `bench/results/latest.json`.
+issue-8 targets with PASS/FAIL. Then each priced service (limits, accounting) is
+measured by pairing the gateway with a copy that leaves it out (`bench/variant.py`):
+alternating json c=32 runs, compared by req/s and by the server's CPU per request.
+Results also go to `bench/results/latest.json`.
 
 The bench reports; it does not judge the build: it exits 0 when every run completed,
 whatever the targets say (`--strict` makes a FAIL exit 1).
@@ -17,6 +20,7 @@ import argparse
 import os
 import platform
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -54,11 +58,13 @@ class Settings:
     chunk_delay_ms: float  # upstream pause between chunks during that test, so streams overlap
     warm_requests: int = 20  # of each kind before measuring a target
     concurrencies: tuple[int, ...] = (1, 32)
+    pair_rounds: int = 3  # alternating runs per side when pricing a service
 
 
 FULL = Settings(duration=5, warmup=1, chunks=200, concurrent_streams=1000, concurrent_chunks=200, chunk_delay_ms=50)
 QUICK = Settings(duration=1.0, warmup=0, chunks=20, concurrent_streams=50, concurrent_chunks=20, chunk_delay_ms=5,
-               warm_requests=5)
+               warm_requests=5, pair_rounds=1)
+PRICED = ("limits", "accounting")  # services the bench prices by leaving them out
 
 
 class Bench:
@@ -145,7 +151,15 @@ class Bench:
 
     # -- the targets ---------------------------------------------------------------------
 
-    def run(self) -> None:
+    def run(self, *, price_only: bool = False) -> None:
+        if price_only:
+            upstream = start_upstream(self.cpu(BACK_CPU))
+            try:
+                for service in PRICED:
+                    self.price(service, upstream)
+            finally:
+                upstream.stop()
+            return
         upstream = start_upstream(self.cpu(FRONT_CPU))  # the direct run: the upstream is the front
         try:
             url = upstream.url + "/api/v1" + load.CHAT_PATH
@@ -178,8 +192,54 @@ class Bench:
                         self.rows_for(target, url, token)
                     finally:
                         gateway.stop()
+            for service in PRICED:
+                self.price(service, upstream)
         finally:
             upstream.stop()
+
+    def price(self, service: str, upstream: Server) -> None:
+        """The gateway with and without `service`, json c=32, in alternating runs (ABBA order, so a
+        drift in the box's speed falls on both sides); req/s medians and CPU per request.
+
+        The side not under load is paused (SIGSTOP) meanwhile: idle, it would settle its backlog
+        at full speed on the same core. Each keeps its backlog, as a gateway under load does."""
+        s = self.settings
+        sides: dict[str, dict[str, Any]] = {}
+        with tempfile.TemporaryDirectory(prefix="bench-with-") as with_dir, \
+                tempfile.TemporaryDirectory(prefix="bench-without-") as without_dir:
+            servers: dict[str, tuple[Server, str]] = {}
+            try:
+                servers["with"] = start_gateway(upstream, "aiohttp", Path(with_dir), self.cpu(FRONT_CPU))
+                servers["without"] = start_gateway(upstream, "aiohttp", Path(without_dir), self.cpu(FRONT_CPU),
+                                                   without=service)
+                body = load.request_body(stream=False).decode()
+                for side, (server, token) in servers.items():
+                    self.warm(server.url + "/v1" + load.CHAT_PATH, token)
+                    sides[side] = {"rps": [], "requests": 0, "cpu_s": 0.0}
+                order = [("with", "without"), ("without", "with")]
+                for round_ in range(s.pair_rounds):
+                    for side in order[round_ % 2]:
+                        server, token = servers[side]
+                        other = servers["without" if side == "with" else "with"][0]
+                        other.pause()  # its paced backlog of look-ups would otherwise take the core
+                        try:
+                            cpu_before = server.cpu_s()
+                            result, _ = self.load({"kind": self.generator, "token": token, "concurrency": 32,
+                                                   "url": server.url + "/v1" + load.CHAT_PATH, "body": body,
+                                                   "duration": s.duration, "warmup": s.warmup})
+                            sides[side]["cpu_s"] += server.cpu_s() - cpu_before
+                        finally:
+                            other.resume()
+                        sides[side]["requests"] += result["requests"]
+                        sides[side]["rps"].append(result["rps"])
+            finally:
+                for server, _ in servers.values():
+                    server.stop()
+        priced = {side: {"rps_runs": v["rps"], "rps_median": statistics.median(v["rps"]),
+                         "cpu_us_per_request": round(v["cpu_s"] / max(v["requests"], 1) * 1e6, 1)}
+                  for side, v in sides.items()}
+        self.extras[f"price:{service}"] = priced
+        print(report.price_line(service, priced), flush=True)
 
 
 def busy_cores(seconds: float) -> float:
@@ -234,6 +294,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-install", action="store_true", help="never apt-get install wrk")
     parser.add_argument("--no-pin", action="store_true", help="do not pin processes to cores")
     parser.add_argument("--out", type=Path, default=RESULTS, help=f"JSON results (default {RESULTS})")
+    parser.add_argument("--price-only", action="store_true",
+                        help="only price the services (limits, accounting): the paired with/without runs")
     parser.add_argument("--strict", action="store_true", help="exit 1 if any issue-8 target fails")
     args = parser.parse_args(argv)
 
@@ -250,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
                            "other processes): they compete with the servers, so the numbers are low")
     started = time.monotonic()
     print(report.header(generator, pin, settings), flush=True)
-    bench.run()
+    bench.run(price_only=args.price_only)
     results = report.summarise(bench.rows, bench.extras, settings, bench.notes)
     results.update({
         "settings": asdict(settings), "generator": generator, "pinned": pin, "quick": args.quick,

@@ -71,6 +71,18 @@ class Server:
                 time.sleep(0.05)
         raise RuntimeError(f"{self.name} did not answer {url} within {timeout}s")
 
+    def pause(self) -> None:
+        self.process.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        self.process.send_signal(signal.SIGCONT)
+
+    def cpu_s(self) -> float:
+        """User + system CPU seconds the server process has used so far."""
+        with open(f"/proc/{self.process.pid}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def rss_kb(self) -> int:
         """VmRSS of the server process (uvicorn with one worker serves in this very process)."""
         with open(f"/proc/{self.process.pid}/status") as status:
@@ -109,8 +121,11 @@ def bench_tier() -> dict[str, Any]:
             "tokens_per_hour": 1_000_000_000_000, "max_concurrent": 100_000}
 
 
-def start_gateway(upstream: Server, client: str, tmp: Path, cpu: int | None) -> tuple[Server, str]:
-    """A gateway in its default shape (auth, limits, accounting) plus a user with a key; returns its token."""
+def start_gateway(upstream: Server, client: str, tmp: Path, cpu: int | None,
+                  without: str | None = None) -> tuple[Server, str]:
+    """A gateway in its default shape (auth, limits, accounting) plus a user with a key; returns its token.
+
+    `without` names a service to leave out (`bench/variant.py`), to price it."""
     tmp.mkdir(parents=True, exist_ok=True)
     (tmp / "master.key").write_text(Fernet.generate_key().decode() + "\n")
     config = {
@@ -127,9 +142,10 @@ def start_gateway(upstream: Server, client: str, tmp: Path, cpu: int | None) -> 
     config_file.write_text(yaml.safe_dump(config))
     port = free_port()
     env = {**os.environ, "GATEWAY_ADMIN_TOKEN": BENCH_ADMIN_TOKEN}
-    server = Server(f"gateway-{client}", [sys.executable, "-m", "gateway", "--config", str(config_file), "serve",
-                                          "--port", str(port)], port=port, health="/health", cpu=cpu, cwd=tmp,
-                    env=env)
+    launcher = ["-m", "gateway"] if without is None else ["-m", "bench.variant", "--without", without, "--"]
+    name = f"gateway-{client}" + (f"-without-{without}" if without else "")
+    server = Server(name, [sys.executable, *launcher, "--config", str(config_file), "serve", "--port", str(port)],
+                    port=port, health="/health", cpu=cpu, cwd=tmp, env={**env, "PYTHONPATH": str(ROOT)})
     try:
         return server, _create_user(server.url)
     except Exception:

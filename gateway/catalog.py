@@ -38,10 +38,10 @@ class ModelPrice:
     prompt: Decimal  # USD per token
     completion: Decimal  # USD per token
     request: Decimal = Decimal(0)
+    free: bool = field(init=False, compare=False)  # known once: asked on every request
 
-    @property
-    def free(self) -> bool:
-        return self.prompt == 0 and self.completion == 0 and self.request == 0
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "free", self.prompt == 0 and self.completion == 0 and self.request == 0)
 
 
 class CatalogUnavailable(Exception):
@@ -140,6 +140,7 @@ class Catalog:
         self._clock = clock
         self._fetch_timeout_s = fetch_timeout_s
         self._snapshot: Snapshot | None = None
+        self._fresh_until = 0.0  # while the clock is before this, the snapshot is fresh (price()'s quick test)
         self._refreshing: asyncio.Task[Snapshot] | None = None
         self._failures = 0
         self._retry_at = 0.0
@@ -199,6 +200,7 @@ class Catalog:
             return self._failed(str(exc) or type(exc).__name__)
         self._failures = 0
         self._snapshot = build_snapshot(body["data"], self._clock())
+        self._fresh_until = self._snapshot.fetched_at + self._ttl_s
         return self._snapshot
 
     def _failed(self, error: str) -> Snapshot:
@@ -210,16 +212,19 @@ class Catalog:
         if self._snapshot is None:
             raise CatalogUnavailable(f"the model catalogue is unavailable: {error}") from None
         old = self._snapshot
+        self._fresh_until = 0.0
         self._snapshot = Snapshot(old.models, old.prices, old.fetched_at, stale=True, error=error, free=old.free,
                                   _views=old._views)
         return self._snapshot
 
     def price(self, model: str | None) -> ModelPrice | None:
-        """The model's price if known now; never waits (warms the cache instead)."""
-        self.warm()
-        if model is None or self._snapshot is None:
+        """The model's price if known now; never waits (warms the cache instead). On the hot path."""
+        if self._clock() >= self._fresh_until:
+            self.warm()
+        snapshot = self._snapshot
+        if model is None or snapshot is None:
             return None
-        return self._snapshot.prices.get(model)
+        return snapshot.prices.get(model)
 
     def is_free(self, model: str | None) -> bool:
         """Free = a `:free` variant, or zero prompt and completion pricing in the catalogue."""

@@ -21,30 +21,22 @@ across instances without read-modify-write races). Spend is loaded once at start
 
 from __future__ import annotations
 
-import itertools
 import logging
 import math
-import secrets
 from dataclasses import dataclass, field
+from functools import lru_cache
 from decimal import Decimal, InvalidOperation
 from typing import TYPE_CHECKING, Any, Protocol
 
 from gateway.auth import Principal
-from gateway.catalog import ModelPrice
+from gateway.catalog import FREE_SUFFIX, ModelPrice
 from gateway.clock import Clock, iso, system_clock
 from gateway.config import Config, TierConfig
 from gateway.errors import PaymentRequired, RateLimited
 from gateway.money import ZERO, charged, to_decimal
 from gateway.proxy import ProxyRequest
 from gateway.sse import Observation
-from gateway.windows import (
-    PERIODS,
-    SlidingWindow,
-    expiry,
-    frees_at,
-    period_end,
-    period_start,
-)
+from gateway.windows import PERIODS, SlidingWindow, expiry, frees_at, period_end, period_start
 
 if TYPE_CHECKING:
     from gateway.app import Gateway
@@ -96,26 +88,24 @@ class Snapshot:
     inflight: int = 0
     reserved: Decimal = ZERO
     spend: dict[str, Decimal] = field(default_factory=dict)  # "day"/"week"/"month"/"all" → charged
-    minute_total: int | None = None  # the windows' sums when the backend keeps them (else summed here)
-    hour_total: int | None = None
-    tokens_total: int | None = None
 
     def used(self, name: str) -> int | Decimal:
         if name == "requests_per_minute":
-            return self.minute_total if self.minute_total is not None else sum(self.minute.values())
+            return sum(self.minute.values())
         if name == "requests_per_hour":
-            return self.hour_total if self.hour_total is not None else sum(self.hour.values())
+            return sum(self.hour.values())
         if name == "max_concurrent":
             return self.inflight
         if name == "tokens_per_hour":
-            return self.tokens_total if self.tokens_total is not None else sum(self.tokens.values())
+            return sum(self.tokens.values())
         return self.spend.get(BUDGETS[name], ZERO) + self.reserved
 
 
 def first_refusal(limits: Limits, snapshot: Snapshot, *, free: bool) -> str | None:
     """The name of the first limit (in check order) that refuses one more request, or None.
 
-    The Redis Lua script (`limits_redis.ADMIT`) applies exactly these rules.
+    The Redis Lua script (`limits_redis.ADMIT`) and the memory backend's hot path
+    (`limits_memory._UserCounters.refusal`) apply exactly these rules.
     """
     for name in (*REQUEST_LIMITS, "tokens_per_hour"):
         value = getattr(limits, name)
@@ -143,17 +133,28 @@ def frees_up_at(name: str, limits: Limits, snapshot: Snapshot, now: float) -> fl
     return period_end(BUDGETS[name], now).timestamp()
 
 
+class Refusal(Exception):
+    """A backend's answer when a limit refuses: which one, and the counters as it saw them."""
+
+    def __init__(self, name: str, snapshot: Snapshot) -> None:
+        super().__init__(name)
+        self.name = name
+        self.snapshot = snapshot
+
+
 class Counters(Protocol):
     """Where the counters live: this process's memory, or Redis shared by every instance."""
 
     async def acquire(
-        self, user_id: str, ticket_id: str, limits: Limits, reserve: Decimal, free: bool, now: float
-    ) -> tuple[str | None, Snapshot]:
-        """Atomically: refuse (the limit's name) or count the request and hold its reservation.
+        self, user_id: str, limits: Limits, reserve: Decimal, free: bool, now: float
+    ) -> tuple[Any, list[tuple[bytes, bytes]]]:
+        """Atomically: count the request and hold its reservation, or raise `Refusal`.
 
-        Returns the snapshot as it was before this request was counted."""
+        Returns the hold (what `finish` needs to let go of it) and the request's X-RateLimit-*
+        headers (`rate_headers`, counting this request). A backend that never waits may also
+        offer the same as a plain method, `acquire_now`, which the limiter then calls instead."""
 
-    def finish(self, user_id: str, ticket_id: str, now: float) -> None:
+    def finish(self, user_id: str, hold: Any) -> None:
         """The request is over: it no longer counts as in flight and its reservation is dropped."""
 
     def spend(self, user_id: str, at: float, amount: Decimal, tokens: int, now: float) -> None:
@@ -170,14 +171,14 @@ class Counters(Protocol):
 class LimitTicket:
     """An admitted request's hold on its limits: X-RateLimit-* headers and one release."""
 
-    __slots__ = ("headers", "_limiter", "_principal", "_id", "_free", "_released")
+    __slots__ = ("headers", "_limiter", "_principal", "_hold", "_free", "_released")
 
-    def __init__(self, limiter: "Limiter", principal: Principal, ticket_id: str, free: bool,
+    def __init__(self, limiter: "Limiter", principal: Principal, hold: Any, free: bool,
                  headers: list[tuple[bytes, bytes]]) -> None:
         self.headers = headers
         self._limiter = limiter
         self._principal = principal
-        self._id = ticket_id
+        self._hold = hold
         self._free = free
         self._released = False
 
@@ -185,7 +186,13 @@ class LimitTicket:
         if self._released:
             return
         self._released = True
-        self._limiter.settle(self._principal, self._id, self._free, observation)
+        limiter = self._limiter
+        try:
+            limiter.counters.finish(self._principal.user_id, self._hold)
+        except Exception:
+            log.exception("releasing the limits of user %s failed", self._principal.user_id)
+        if observation is not None and not limiter.ledger_attached and observation.usage is not None:
+            limiter.count_usage(self._principal, self._free, observation.usage)
 
 
 class Limiter:
@@ -199,8 +206,8 @@ class Limiter:
         self.default_estimate = config.accounting.default_estimate_usd
         self.ledger_attached = False  # the ledger's listeners then count spend and tokens
         self._limits: dict[str, tuple[Principal, Limits]] = {}
-        self._ticket_prefix = secrets.token_hex(6) + "-"
-        self._tickets = itertools.count()
+        self._quotes: dict[tuple[int, str], Quote] = {}  # (id of a catalogue price, tier) → its quote
+        self._acquire_now = getattr(counters, "acquire_now", None)  # no coroutine per request in memory
 
     def limits_of(self, principal: Principal) -> Limits:
         """The user's limits, computed once per cached principal (a change to the user replaces it)."""
@@ -213,44 +220,47 @@ class Limiter:
         self._limits[principal.user_id] = (principal, limits)
         return limits
 
-    def is_free(self, request: ProxyRequest) -> bool:
-        if request.model is None or not self.catalog.is_free(request.model):
-            return False
-        return all(self.catalog.is_free(m) for m in _fallback_models(request.body))
-
-    def estimate(self, principal: Principal, request: ProxyRequest) -> Decimal:
-        """What the request may charge at most (as far as the catalogue tells), markup included."""
-        prices = [self.catalog.price(m) for m in (request.model, *_fallback_models(request.body))]
-        cost = max(
-            (estimate_cost(p, request.body, self.default_estimate) for p in prices), default=self.default_estimate
-        )
-        return charged(cost, self.config.tier(principal.tier), free=False)
-
     async def admit(self, principal: Principal, request: ProxyRequest) -> LimitTicket:
         limits = self.limits_of(principal)
-        free = self.is_free(request)
-        reserve = ZERO if free or not (limits.daily_budget_usd or limits.monthly_budget_usd) else (
-            self.estimate(principal, request))  # reservations only matter against a budget
-        now = self.clock()
-        ticket_id = self._ticket_prefix + str(next(self._tickets))  # unique across instances (Redis keys)
-        refused, snapshot = await self.counters.acquire(principal.user_id, ticket_id, limits, reserve, free, now)
-        if refused is not None:
-            raise refusal(refused, limits, snapshot, now)
-        return LimitTicket(self, principal, ticket_id, free, success_headers(limits, snapshot, now))
-
-    def settle(self, principal: Principal, ticket_id: str, free: bool, observation: Observation | None) -> None:
-        """Drop the reservation; without the ledger, also count the real charge and tokens here."""
+        body, model = request.body, request.model
+        price = self.catalog.price(model)  # one catalogue look-up serves "is it free" and the estimate
+        free = model is not None and (model.endswith(FREE_SUFFIX) or (price is not None and price.free))
+        fallbacks = _fallback_models(body) if "models" in body else ()
+        if free and fallbacks:
+            free = all(self.catalog.is_free(m) for m in fallbacks)
+        if free or (limits.daily_budget_usd is None and limits.monthly_budget_usd is None):
+            reserve = ZERO  # reservations only matter against a budget
+        else:
+            reserve = self._quote(price, principal.tier).estimate(body)
+            for fallback in fallbacks:
+                reserve = max(reserve, self._quote(self.catalog.price(fallback), principal.tier).estimate(body))
         now = self.clock()
         try:
-            self.counters.finish(principal.user_id, ticket_id, now)
-            if observation is None or self.ledger_attached or observation.usage is None:
-                return
-            usage = observation.usage
+            if self._acquire_now is not None:
+                hold, headers = self._acquire_now(principal.user_id, limits, reserve, free, now)
+            else:
+                hold, headers = await self.counters.acquire(principal.user_id, limits, reserve, free, now)
+        except Refusal as refused:
+            raise refusal(refused.name, limits, refused.snapshot, now) from None
+        return LimitTicket(self, principal, hold, free, headers)
+
+    def _quote(self, price: ModelPrice | None, tier: str) -> "Quote":
+        quote = self._quotes.get((id(price), tier))
+        if quote is None or quote.price is not price:
+            if len(self._quotes) > 10_000:  # each catalogue refresh brings new price objects
+                self._quotes.clear()
+            quote = self._quotes[(id(price), tier)] = Quote(price, self.config.tier(tier), self.default_estimate)
+        return quote
+
+    def count_usage(self, principal: Principal, free: bool, usage: dict[str, Any]) -> None:
+        """Without the ledger (limits alone), count a finished request's charge and tokens here."""
+        now = self.clock()
+        try:
             cost = to_decimal(usage.get("cost")) or ZERO
             amount = charged(cost, self.config.tier(principal.tier), free=free) if cost > 0 else ZERO
             self.counters.spend(principal.user_id, now, amount, usage_tokens(usage), now)
         except Exception:
-            log.exception("settling the limits of user %s failed", principal.user_id)
+            log.exception("counting the usage of user %s failed", principal.user_id)
 
     # -- the ledger's listeners (accounting.py) --------------------------------
 
@@ -295,12 +305,25 @@ def _text_chars(value: Any) -> int:
     return 0
 
 
+def _message_chars(messages: Any) -> int:
+    """`_text_chars` of a chat's messages, with the usual shape (string contents) on a short path."""
+    if type(messages) is not list:
+        return _text_chars(messages)
+    total = 0
+    for message in messages:
+        content = message.get("content") if type(message) is dict else None
+        total += len(content) if type(content) is str and "text" not in message else _text_chars(message)
+    return total
+
+
 def prompt_tokens_bound(body: dict[str, Any]) -> int:
     """A generous token count for the prompt: one token per three characters of text.
 
     Tokenizers average about four characters a token in English; three leaves room for
     code and other scripts. Over-estimating only holds a little more budget in flight."""
-    chars = _text_chars(body.get("messages")) + _text_chars(body.get("prompt")) + _text_chars(body.get("input"))
+    chars = _message_chars(body.get("messages"))
+    if "prompt" in body or "input" in body:
+        chars += _text_chars(body.get("prompt")) + _text_chars(body.get("input"))
     return chars // 3 + 1
 
 
@@ -324,6 +347,32 @@ def estimate_cost(price: ModelPrice | None, body: dict[str, Any], default: Decim
     return cost + (cap * price.completion if cap is not None else default)
 
 
+class Quote:
+    """A catalogue price as one tier charges it (markup folded in): an estimate costs two products.
+
+    `estimate(body)` equals `charged(estimate_cost(price, body, default), tier)`."""
+
+    __slots__ = ("price", "request", "prompt", "completion", "default")
+
+    def __init__(self, price: ModelPrice | None, tier: TierConfig, default: Decimal) -> None:
+        def charge(amount: Decimal) -> Decimal:
+            return charged(amount, tier, free=False)
+
+        self.price = price
+        self.default = charge(default)
+        self.request, self.prompt, self.completion = (
+            (charge(price.request), charge(price.prompt), charge(price.completion)) if price else (ZERO, ZERO, ZERO))
+
+    def estimate(self, body: dict[str, Any]) -> Decimal:
+        if self.price is None:
+            return self.default
+        cap = body.get("max_tokens")
+        if type(cap) is not int or cap < 0:
+            cap = completion_tokens_cap(body)
+        completion = self.default if cap is None else cap * self.completion
+        return self.request + prompt_tokens_bound(body) * self.prompt + completion
+
+
 def usage_tokens(usage: dict[str, Any]) -> int:
     total = 0
     for name in ("prompt_tokens", "completion_tokens"):
@@ -340,27 +389,46 @@ def _epoch_ms(ts: float) -> bytes:
     return str(int(math.ceil(ts * 1000))).encode()
 
 
-def success_headers(limits: Limits, before: Snapshot, now: float) -> list[tuple[bytes, bytes]]:
-    """X-RateLimit-* for the tighter of the request windows, counting this request."""
-    best: tuple[int, int, float] | None = None
-    for name, buckets, bucket_s in (
-        ("requests_per_minute", before.minute, MINUTE_BUCKET_S),
-        ("requests_per_hour", before.hour, HOUR_BUCKET_S),
-    ):
-        value = getattr(limits, name)
-        if value is None:
-            continue
-        remaining = max(value - int(before.used(name)) - 1, 0)
-        oldest = next(iter(buckets)) if buckets else int(now // bucket_s)
-        if best is None or remaining < best[1]:
-            best = (value, remaining, expiry(oldest, bucket_s))
-    if best is None:
+@lru_cache(maxsize=256)
+def _reset_bytes(oldest: int, bucket_s: float) -> bytes:
+    """X-RateLimit-Reset for a window whose oldest bucket is `oldest` (one value per second or minute)."""
+    return _epoch_ms(expiry(oldest, bucket_s))
+
+
+@lru_cache(maxsize=1024)
+def _limit_bytes(value: int) -> bytes:
+    return str(value).encode()
+
+
+def rate_headers(
+    limits: Limits, minute_used: int, minute_oldest: int, hour_used: int, hour_oldest: int
+) -> list[tuple[bytes, bytes]]:
+    """X-RateLimit-* for the tighter of the request windows, counting this request.
+
+    `*_used` are the windows' counts before this request; `*_oldest` their oldest bucket."""
+    per_minute, per_hour = limits.requests_per_minute, limits.requests_per_hour
+    if per_minute is None and per_hour is None:
         return []
+    if per_minute is not None and (per_hour is None or per_minute - minute_used <= per_hour - hour_used):
+        value, remaining, reset = per_minute, per_minute - minute_used - 1, _reset_bytes(minute_oldest, MINUTE_BUCKET_S)
+    else:
+        assert per_hour is not None
+        value, remaining, reset = per_hour, per_hour - hour_used - 1, _reset_bytes(hour_oldest, HOUR_BUCKET_S)
     return [
-        (b"x-ratelimit-limit", str(best[0]).encode()),
-        (b"x-ratelimit-remaining", str(best[1]).encode()),
-        (b"x-ratelimit-reset", _epoch_ms(best[2])),
+        (b"x-ratelimit-limit", _limit_bytes(value)),
+        (b"x-ratelimit-remaining", str(remaining if remaining > 0 else 0).encode()),
+        (b"x-ratelimit-reset", reset),
     ]
+
+
+def success_headers(limits: Limits, before: Snapshot, now: float) -> list[tuple[bytes, bytes]]:
+    """`rate_headers` from a snapshot taken before this request was counted."""
+    minute_now, hour_now = int(now // MINUTE_BUCKET_S), int(now // HOUR_BUCKET_S)
+    return rate_headers(
+        limits,
+        int(before.used("requests_per_minute")), next(iter(before.minute), minute_now),
+        int(before.used("requests_per_hour")), next(iter(before.hour), hour_now),
+    )
 
 
 def _money(amount: Decimal) -> str:
@@ -446,4 +514,4 @@ def attach_ledger(limiter: Limiter, ledger: Any) -> None:
     limiter.ledger_attached = True
 
 
-__all__ = ["Limiter", "Limits", "Snapshot", "install_limits"]
+__all__ = ["Limiter", "Limits", "Refusal", "Snapshot", "install_limits", "rate_headers"]

@@ -21,7 +21,9 @@ adds integers and Python converts back to Decimal; a float never holds money.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
+import secrets
 from decimal import ROUND_CEILING, ROUND_HALF_EVEN, Decimal
 from typing import Any, Callable
 
@@ -29,7 +31,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from gateway.errors import ServiceUnavailable
-from gateway.limits import HOUR_BUCKET_S, MINUTE_BUCKET_S, Limits, Snapshot
+from gateway.limits import HOUR_BUCKET_S, MINUTE_BUCKET_S, Limits, Refusal, Snapshot, success_headers
 from gateway.windows import PERIODS, period_id
 
 log = logging.getLogger("gateway.limits")
@@ -126,6 +128,8 @@ class RedisCounters:
         self._dirty: set[str] = set()  # users with queued updates
         self._writing: set[str] = set()  # users whose updates are being written
         self._flushing: asyncio.Task[None] | None = None
+        self._ticket_prefix = secrets.token_hex(6) + "-"  # ticket ids are unique across instances
+        self._tickets = itertools.count()
 
     @classmethod
     async def connect(cls, url: str, *, lease_s: float) -> "RedisCounters":
@@ -173,9 +177,10 @@ class RedisCounters:
                 self._writing = set()
 
     async def acquire(
-        self, user_id: str, ticket_id: str, limits: Limits, reserve: Decimal, free: bool, now: float
-    ) -> tuple[str | None, Snapshot]:
+        self, user_id: str, limits: Limits, reserve: Decimal, free: bool, now: float
+    ) -> tuple[str, list[tuple[bytes, bytes]]]:
         await self._settled(user_id)
+        ticket_id = self._ticket_prefix + str(next(self._tickets))
         key = self._key
         keys = [key(user_id, "m"), key(user_id, "h"), key(user_id, "t"), key(user_id, "f"), key(user_id, "r"),
                 *self._spend_keys(user_id, now)]
@@ -196,9 +201,11 @@ class RedisCounters:
             reserved=from_pico(reserved),
             spend={"day": from_pico(day), "week": from_pico(week), "month": from_pico(month), "all": from_pico(total)},
         )
-        return refused or None, snapshot
+        if refused:
+            raise Refusal(refused, snapshot)
+        return ticket_id, success_headers(limits, snapshot, now)
 
-    def finish(self, user_id: str, ticket_id: str, now: float) -> None:
+    def finish(self, user_id: str, ticket_id: str) -> None:
         in_flight, reservations = self._key(user_id, "f"), self._key(user_id, "r")
 
         def op(pipe: Any) -> None:

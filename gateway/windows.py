@@ -35,7 +35,8 @@ class SlidingWindow:
         self._current = -1
         self.total = 0
 
-    def _prune(self, now: float) -> int:
+    def advance(self, now: float) -> int:
+        """Move the window to `now` (dropping buckets that left it); returns the current bucket."""
         current = int(now // self.bucket_s)
         if current != self._current:
             self._current = current
@@ -46,17 +47,27 @@ class SlidingWindow:
         return current
 
     def count(self, now: float) -> int:
-        self._prune(now)
+        self.advance(now)
         return self.total
 
     def add(self, now: float, amount: int = 1) -> None:
-        current = self._prune(now)
-        self._buckets[current] = self._buckets.get(current, 0) + amount
+        self.bump(self.advance(now), amount)
+
+    def bump(self, current: int, amount: int = 1) -> None:
+        """Count into the current bucket, as `advance` returned it (the hot path's one-step `add`)."""
+        buckets = self._buckets
+        buckets[current] = buckets.get(current, 0) + amount
         self.total += amount
+
+    def oldest(self, current: int) -> int:
+        """The oldest counted bucket (the current one when the window is empty)."""
+        for bucket in self._buckets:  # kept in ascending order: buckets are only ever added newest last
+            return bucket
+        return current
 
     def view(self, now: float) -> dict[int, int]:
         """The live buckets (not a copy): read it before changing the window again."""
-        self._prune(now)
+        self.advance(now)
         return self._buckets
 
     def buckets(self, now: float) -> dict[int, int]:
@@ -116,6 +127,16 @@ def period_end(period: str, ts: float) -> datetime:
     if period == "week":
         return start + timedelta(days=7)
     return (start + timedelta(days=32)).replace(day=1)
+
+
+def period_ids(ts: float) -> tuple[str, ...]:
+    """`period_id` of every period in `PERIODS` order, as one cached tuple per UTC hour."""
+    return _period_ids_in_hour(int(ts // 3600))
+
+
+@lru_cache(maxsize=16)
+def _period_ids_in_hour(hour: int) -> tuple[str, ...]:
+    return tuple(_period_id_in_hour(period, hour) for period in PERIODS)
 
 
 def period_id(period: str, ts: float) -> str:

@@ -55,7 +55,8 @@ def test_quick_bench_runs_end_to_end(tmp_path: Path) -> None:
         cwd=ROOT, capture_output=True, text=True, timeout=120,
     )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    assert "issue 8 targets:" in run.stdout and "gateway-httpx/gateway-aiohttp" in run.stdout
+    assert "targets (issue 8;" in run.stdout and "gateway-httpx/gateway-aiohttp" in run.stdout
+    assert "price of limits:" in run.stdout and "price of accounting:" in run.stdout
     results = json.loads(out.read_text())
     measured = {(r["target"], r["mode"], r["concurrency"]) for r in results["rows"]}
     assert measured == {(t, m, c) for t in TARGETS for m in ("json", "stream") for c in (1, 32)}
@@ -65,5 +66,10 @@ def test_quick_bench_runs_end_to_end(tmp_path: Path) -> None:
             assert row["byte_exact"] == row["requests"] and row["ttfb_p50_ms"] > 0, row
     many = results["concurrent_streams"]["gateway-aiohttp"]
     assert many["byte_exact"] == many["streams"] and many["peak_rss_kb"] > 0
-    assert {t["id"] for t in results["targets"]} == {"1", "1b", "2", "3a", "3b", "3c", "4"}
+    assert {t["id"] for t in results["targets"]} == {"1", "1b", "2", "3a", "3b", "3c", "4", "5"}
     assert all(t["status"] in ("PASS", "FAIL", "SKIP") for t in results["targets"])
+    for service in ("limits", "accounting"):  # each priced by a paired run with the service left out
+        cost = results["service_costs"][service]
+        for side in ("with", "without"):
+            assert cost[side]["rps_median"] > 0 and cost[side]["cpu_us_per_request"] > 0, cost
+        assert cost["cpu_pct"] is not None and cost["rps_pct"] is not None

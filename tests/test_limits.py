@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import random
 from datetime import datetime, timezone
 from decimal import Decimal
 from typing import Any, AsyncIterator
@@ -14,8 +15,9 @@ from gateway.auth import Principal
 from gateway.catalog import ModelPrice
 from gateway.config import Config
 from gateway.errors import PaymentRequired, RateLimited
-from gateway.limits import Limiter, Limits, estimate_cost, prompt_tokens_bound
-from gateway.limits_memory import MemoryCounters
+from gateway.money import charged
+from gateway.limits import Limiter, Limits, Quote, Refusal, estimate_cost, first_refusal, prompt_tokens_bound, rate_headers
+from gateway.limits_memory import MemoryCounters, _UserCounters
 from gateway.limits_redis import RedisCounters
 from gateway.proxy import ProxyRequest
 from gateway.sse import Observation
@@ -223,6 +225,17 @@ def test_estimate_is_prompt_and_max_tokens_at_catalogue_prices() -> None:
     assert estimate_cost(None, body, Decimal("7")) == Decimal("7")
 
 
+def test_a_quote_is_the_estimate_charged_at_the_tier_markup() -> None:
+    """The hot path's `Quote` folds the markup into the prices; it must equal charging the estimate."""
+    tier = Config.model_validate({"tiers": {"t": {"markup_pct": "12.5"}}, "default_tier": "t"}).tier("t")
+    price = ModelPrice(Decimal("0.000003"), Decimal("0.000015"), Decimal("0.0004"))
+    for body in ({"messages": [{"role": "user", "content": "x" * 100}], "max_tokens": 256},
+                 {"prompt": "abc", "max_completion_tokens": 7}, {"input": ["a", "b"]}, {"max_tokens": True}):
+        for p in (price, None):
+            expected = charged(estimate_cost(p, body, Decimal("0.5")), tier, free=False)
+            assert Quote(p, tier, Decimal("0.5")).estimate(body) == expected, (body, p)
+
+
 @pytest.mark.anyio
 async def test_daily_budget_refuses_with_402_until_midnight(counters: Any) -> None:
     limiter, clock = make(counters, markup="50", daily_budget_usd="10")
@@ -380,6 +393,70 @@ async def test_spend_is_loaded_once_at_start_up(counters: Any) -> None:
     assert (await limiter.standing(principal()))[1].spend["all"] == Decimal(7)
 
 
+# -- the memory backend's hot path keeps first_refusal's rules ------------------------
+
+
+def _random_limits(rng: random.Random) -> Limits:
+    def maybe(value: Any) -> Any:
+        return None if rng.random() < 0.3 else value
+
+    return Limits(
+        requests_per_minute=maybe(rng.randint(0, 6)), requests_per_hour=maybe(rng.randint(0, 12)),
+        max_concurrent=maybe(rng.randint(0, 4)), tokens_per_hour=maybe(rng.randint(0, 40)),
+        daily_budget_usd=maybe(Decimal(rng.randint(0, 20)) / 4), monthly_budget_usd=maybe(Decimal(rng.randint(0, 40)) / 4),
+    )
+
+
+def test_the_memory_fast_path_refuses_exactly_as_first_refusal() -> None:
+    """`_UserCounters.refusal` (no Snapshot, hot path) and `first_refusal` (a snapshot, Redis's rules)
+    give the same answer on random counters, limits and clocks, crossing minute, hour and day edges."""
+    rng = random.Random(5)
+    for _ in range(300):
+        user, now = _UserCounters(), T0 + rng.uniform(-90_000, 90_000)
+        for _ in range(rng.randint(0, 25)):
+            now += rng.choice((0.2, 1.5, 20.0, 700.0, 3000.0))
+            step = rng.random()
+            if step < 0.4:
+                user.minute.add(now)
+                user.hour.add(now)
+            elif step < 0.6:
+                user.add_spend(now - rng.choice((0, 0, 5000)), Decimal(rng.randint(1, 300)) / 100)
+            elif step < 0.8:
+                user.tokens.add(now, rng.randint(1, 9))
+            else:
+                user.inflight += 1
+                user.reserved += Decimal(rng.randint(0, 200)) / 100
+            limits, free = _random_limits(rng), rng.random() < 0.2
+            user.minute.advance(now)
+            user.hour.advance(now)
+            assert user.refusal(limits, free, now) == first_refusal(limits, user.snapshot(now), free=free)
+
+
+@pytest.mark.anyio
+async def test_a_refusal_leaves_the_memory_counters_untouched() -> None:
+    counters = MemoryCounters()
+    limits = Limits(requests_per_minute=1, daily_budget_usd=Decimal(1))
+    await counters.acquire("u", limits, Decimal("0.5"), False, T0)
+    before = await counters.snapshot("u", T0)
+    with pytest.raises(Refusal) as refused:
+        await counters.acquire("u", limits, Decimal("0.5"), False, T0 + 1)
+    assert refused.value.name == "requests_per_minute" and refused.value.snapshot.inflight == 1
+    assert await counters.snapshot("u", T0 + 1) == before
+
+
+def test_rate_headers_describe_the_tighter_window_counting_this_request() -> None:
+    minute_bucket, hour_bucket = int(T0), int(T0 // 60)
+    both = Limits(requests_per_minute=10, requests_per_hour=100)
+    assert dict(rate_headers(both, 3, minute_bucket - 5, 3, hour_bucket)) == {
+        b"x-ratelimit-limit": b"10", b"x-ratelimit-remaining": b"6",
+        b"x-ratelimit-reset": str(int((minute_bucket - 5 + 60) * 1000)).encode()}
+    tight_hour = dict(rate_headers(both, 3, minute_bucket, 98, hour_bucket - 2))
+    assert tight_hour[b"x-ratelimit-limit"] == b"100" and tight_hour[b"x-ratelimit-remaining"] == b"1"
+    assert tight_hour[b"x-ratelimit-reset"] == str(int((hour_bucket - 2 + 60) * 60 * 1000)).encode()
+    assert dict(rate_headers(both, 12, minute_bucket, 12, hour_bucket))[b"x-ratelimit-remaining"] == b"0"
+    assert rate_headers(Limits(max_concurrent=3), 5, minute_bucket, 5, hour_bucket) == []
+
+
 # -- windows ---------------------------------------------------------------------------
 
 
@@ -398,3 +475,11 @@ def test_calendar_periods() -> None:
     assert period_end("month", ts) == datetime(2025, 1, 1, tzinfo=timezone.utc)
     assert period_end("week", ts) == datetime(2025, 1, 6, tzinfo=timezone.utc)  # weeks start on Monday
     assert period_id("month", ts) == "2024-12" and period_id("week", ts) == "2024-12-30"
+
+
+def test_prompt_bound_reads_every_shape_of_prompt() -> None:
+    parts = [{"type": "text", "text": "abc"}, {"type": "image_url", "image_url": {"url": "data:" + "A" * 999}}]
+    assert prompt_tokens_bound({"messages": [{"role": "user", "content": parts}, {"role": "system", "content": "xyz"}]}) == 3
+    assert prompt_tokens_bound({"messages": ["abcdef", {"text": "gh", "content": "i"}, None, 7]}) == 4
+    assert prompt_tokens_bound({"prompt": ["abc", "def"], "input": "ghi"}) == 4
+    assert prompt_tokens_bound({"messages": "abcdef"}) == 3 and prompt_tokens_bound({}) == 1
