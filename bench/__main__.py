@@ -58,7 +58,7 @@ class Settings:
     chunk_delay_ms: float  # upstream pause between chunks during that test, so streams overlap
     warm_requests: int = 20  # of each kind before measuring a target
     concurrencies: tuple[int, ...] = (1, 32)
-    pair_rounds: int = 3  # alternating runs per side when pricing a service
+    pair_rounds: int = 6  # alternating runs per side when pricing a service
 
 
 FULL = Settings(duration=5, warmup=1, chunks=200, concurrent_streams=1000, concurrent_chunks=200, chunk_delay_ms=50)
@@ -199,7 +199,8 @@ class Bench:
 
     def price(self, service: str, upstream: Server) -> None:
         """The gateway with and without `service`, json c=32, in alternating runs (ABBA order, so a
-        drift in the box's speed falls on both sides); req/s medians and CPU per request.
+        drift in the box's speed falls on both sides); req/s medians, and the median over rounds
+        of the CPU-per-request ratio (single runs move ±5% on a shared 2-core box).
 
         The side not under load is paused (SIGSTOP) meanwhile: idle, it would settle its backlog
         at full speed on the same core. Each keeps its backlog, as a gateway under load does."""
@@ -215,7 +216,7 @@ class Bench:
                 body = load.request_body(stream=False).decode()
                 for side, (server, token) in servers.items():
                     self.warm(server.url + "/v1" + load.CHAT_PATH, token)
-                    sides[side] = {"rps": [], "requests": 0, "cpu_s": 0.0}
+                    sides[side] = {"rps": [], "cpu_us": [], "requests": 0, "cpu_s": 0.0}
                 order = [("with", "without"), ("without", "with")]
                 for round_ in range(s.pair_rounds):
                     for side in order[round_ % 2]:
@@ -227,17 +228,22 @@ class Bench:
                             result, _ = self.load({"kind": self.generator, "token": token, "concurrency": 32,
                                                    "url": server.url + "/v1" + load.CHAT_PATH, "body": body,
                                                    "duration": s.duration, "warmup": s.warmup})
-                            sides[side]["cpu_s"] += server.cpu_s() - cpu_before
+                            cpu = server.cpu_s() - cpu_before
                         finally:
                             other.resume()
+                        sides[side]["cpu_s"] += cpu
                         sides[side]["requests"] += result["requests"]
                         sides[side]["rps"].append(result["rps"])
+                        sides[side]["cpu_us"].append(round(cpu / max(result["requests"], 1) * 1e6, 1))
             finally:
                 for server, _ in servers.values():
                     server.stop()
-        priced = {side: {"rps_runs": v["rps"], "rps_median": statistics.median(v["rps"]),
-                         "cpu_us_per_request": round(v["cpu_s"] / max(v["requests"], 1) * 1e6, 1)}
-                  for side, v in sides.items()}
+        priced: dict[str, Any] = {
+            side: {"rps_runs": v["rps"], "rps_median": statistics.median(v["rps"]), "cpu_us_runs": v["cpu_us"],
+                   "cpu_us_per_request": round(v["cpu_s"] / max(v["requests"], 1) * 1e6, 1)}
+            for side, v in sides.items()}
+        # each round's with/without runs are adjacent, so their ratio cancels most of the box's drift
+        priced["round_ratios"] = [round(w / o, 4) for w, o in zip(sides["with"]["cpu_us"], sides["without"]["cpu_us"]) if o]
         self.extras[f"price:{service}"] = priced
         print(report.price_line(service, priced), flush=True)
 

@@ -1,8 +1,9 @@
 """The usage ledger: every generation's cost, markup and tokens, recorded off the request path.
 
 `Ledger.record` is the proxy's `Recorder` hook. It turns what the response said (the
-`Observation`) into a `UsageRecord` priced provisionally from `usage.cost`, tells the
-in-memory listeners (limits) at once, and queues the record; nothing on the request
+`Observation`) into a `UsageRecord` priced provisionally from `usage.cost`, sets the
+request's `charged` (the limits count it as the request's ticket is released; later
+corrections reach them through `on_total_changed`), and queues the record; nothing on the request
 path waits on the database. A background writer flushes the queue in one transaction
 every `accounting.flush_interval_ms` (0: the writer wakes for each record, so it is
 written within milliseconds of the response ending). The `Settler` (settlement.py) then
@@ -40,7 +41,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("gateway.accounting")
 
-RecordedCallback = Callable[[str, float, Decimal, int], None]
 TotalChangedCallback = Callable[[str, float, Decimal, Decimal], None]
 LOCAL_ID_PREFIX = "gw-"  # records of responses that carried no generation id (nothing to look up)
 
@@ -135,16 +135,11 @@ class Ledger:
         self._settlements: list[Settlement] = []
         self._wake = asyncio.Event()
         self._flush_lock = asyncio.Lock()
-        self._recorded: list[RecordedCallback] = []
         self._total_changed: list[TotalChangedCallback] = []
         self.records_written = 0
         settler.attach(self)
 
     # -- listeners ------------------------------------------------------------
-
-    def on_recorded(self, callback: RecordedCallback) -> None:
-        """`callback(user_id, created_at_ts, total, tokens)` as each record is queued (provisional)."""
-        self._recorded.append(callback)
 
     def on_total_changed(self, callback: TotalChangedCallback) -> None:
         """`callback(user_id, created_at_ts, old_total, new_total)` when settling changes a total."""
@@ -178,7 +173,7 @@ class Ledger:
         if record.generation_id in self._unwritten:
             return  # the same generation reported twice: one record
         self._unwritten[record.generation_id] = record
-        self._notify(self._recorded, record.user_id, request.started, record.total_cost, record.tokens)
+        request.charged = record.total_cost  # the limits count it when the request's ticket is released
         if record.settle_status == PENDING and principal.key is not None:
             self.settler.schedule(record, key=principal.key.secret, due=first_lookup_at, created_ts=request.started)
         if self.flush_interval_s == 0:

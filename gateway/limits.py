@@ -16,14 +16,15 @@ the request, concurrency and token limits.
 Counters live off the database: in memory for one instance (`MemoryCounters`), in Redis
 with `redis.url` set (`RedisCounters`, one Lua script per admission, so limits hold
 across instances without read-modify-write races). Spend is loaded once at start-up
-(`store.usage.spend_since`) and then kept up to date from the ledger's listeners.
+(`store.usage.spend_since`), then kept up to date as tickets are released (with the
+charge accounting recorded) and from the ledger's corrections once costs settle.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from functools import lru_cache
 from decimal import Decimal, InvalidOperation
 from typing import TYPE_CHECKING, Any, Protocol
@@ -59,10 +60,14 @@ class Limits:
     tokens_per_hour: int | None = None
     daily_budget_usd: Decimal | None = None
     monthly_budget_usd: Decimal | None = None
+    budgeted: bool = field(init=False, compare=False)  # any budget: requests then hold reservations
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "budgeted", self.daily_budget_usd is not None or self.monthly_budget_usd is not None)
 
     @classmethod
     def of(cls, tier: TierConfig, overrides: dict[str, Any] | None = None) -> "Limits":
-        values: dict[str, Any] = {name: getattr(tier, name) for name in cls.__slots__}
+        values: dict[str, Any] = {f.name: getattr(tier, f.name) for f in fields(cls) if f.init}
         for name, value in (overrides or {}).items():
             if name not in values or value is None:
                 continue
@@ -154,8 +159,9 @@ class Counters(Protocol):
         headers (`rate_headers`, counting this request). A backend that never waits may also
         offer the same as a plain method, `acquire_now`, which the limiter then calls instead."""
 
-    def finish(self, user_id: str, hold: Any) -> None:
-        """The request is over: it no longer counts as in flight and its reservation is dropped."""
+    def finish(self, user_id: str, hold: Any, at: float, amount: Decimal, tokens: int, now: float) -> None:
+        """The request is over: it no longer counts as in flight, its reservation is dropped, and
+        its charge (`spend(at, amount, tokens, now)`) is counted, in one step."""
 
     def spend(self, user_id: str, at: float, amount: Decimal, tokens: int, now: float) -> None:
         """Add a charge (made by a request started at `at`) and tokens used now."""
@@ -171,28 +177,43 @@ class Counters(Protocol):
 class LimitTicket:
     """An admitted request's hold on its limits: X-RateLimit-* headers and one release."""
 
-    __slots__ = ("headers", "_limiter", "_principal", "_hold", "_free", "_released")
+    __slots__ = ("headers", "_limiter", "_principal", "_request", "_hold", "_free", "_released")
 
-    def __init__(self, limiter: "Limiter", principal: Principal, hold: Any, free: bool,
+    def __init__(self, limiter: "Limiter", principal: Principal, request: ProxyRequest, hold: Any, free: bool,
                  headers: list[tuple[bytes, bytes]]) -> None:
         self.headers = headers
         self._limiter = limiter
         self._principal = principal
+        self._request = request
         self._hold = hold
         self._free = free
         self._released = False
 
     def release(self, observation: Observation | None) -> None:
+        """Let go of the hold and count the real charge: what accounting recorded on the request
+        (`request.charged`) or, with no ledger, what the response's usage says."""
         if self._released:
             return
         self._released = True
-        limiter = self._limiter
+        limiter, request = self._limiter, self._request
+        usage = observation.usage if observation is not None else None
         try:
-            limiter.counters.finish(self._principal.user_id, self._hold)
+            amount, tokens, now = ZERO, 0, request.ended or request.started
+            if usage is not None:
+                prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
+                tokens = (prompt if type(prompt) is int and prompt > 0 else 0) + (
+                    completion if type(completion) is int and completion > 0 else 0)  # counted as the response ended
+                if limiter.ledger_attached:
+                    amount = request.charged or ZERO
+                else:
+                    cost = to_decimal(usage.get("cost")) or ZERO
+                    if cost > 0:
+                        amount = charged(cost, limiter.config.tier(self._principal.tier), free=self._free)
+            elif limiter.ledger_attached and request.charged:
+                amount = request.charged  # recorded without usage (e.g. a mid-stream error)
+            limiter.counters.finish(self._principal.user_id, self._hold, request.started, amount, tokens, now)
         except Exception:
             log.exception("releasing the limits of user %s failed", self._principal.user_id)
-        if observation is not None and not limiter.ledger_attached and observation.usage is not None:
-            limiter.count_usage(self._principal, self._free, observation.usage)
 
 
 class Limiter:
@@ -204,7 +225,7 @@ class Limiter:
         self.catalog = catalog
         self.clock = clock
         self.default_estimate = config.accounting.default_estimate_usd
-        self.ledger_attached = False  # the ledger's listeners then count spend and tokens
+        self.ledger_attached = False  # then a request's charge is what accounting recorded (`request.charged`)
         self._limits: dict[str, tuple[Principal, Limits]] = {}
         self._quotes: dict[tuple[int, str], Quote] = {}  # (id of a catalogue price, tier) → its quote
         self._acquire_now = getattr(counters, "acquire_now", None)  # no coroutine per request in memory
@@ -228,10 +249,13 @@ class Limiter:
         fallbacks = _fallback_models(body) if "models" in body else ()
         if free and fallbacks:
             free = all(self.catalog.is_free(m) for m in fallbacks)
-        if free or (limits.daily_budget_usd is None and limits.monthly_budget_usd is None):
+        if free or not limits.budgeted:
             reserve = ZERO  # reservations only matter against a budget
         else:
-            reserve = self._quote(price, principal.tier).estimate(body)
+            quote = self._quotes.get((id(price), principal.tier))
+            if quote is None or quote.price is not price:
+                quote = self._quote(price, principal.tier)
+            reserve = quote.estimate(body)
             for fallback in fallbacks:
                 reserve = max(reserve, self._quote(self.catalog.price(fallback), principal.tier).estimate(body))
         now = self.clock()
@@ -242,30 +266,18 @@ class Limiter:
                 hold, headers = await self.counters.acquire(principal.user_id, limits, reserve, free, now)
         except Refusal as refused:
             raise refusal(refused.name, limits, refused.snapshot, now) from None
-        return LimitTicket(self, principal, hold, free, headers)
+        return LimitTicket(self, principal, request, hold, free, headers)
 
     def _quote(self, price: ModelPrice | None, tier: str) -> "Quote":
+        """The tier's quote for a price, kept per (price object, tier): catalogue refreshes bring new ones."""
         quote = self._quotes.get((id(price), tier))
         if quote is None or quote.price is not price:
-            if len(self._quotes) > 10_000:  # each catalogue refresh brings new price objects
+            if len(self._quotes) > 10_000:
                 self._quotes.clear()
             quote = self._quotes[(id(price), tier)] = Quote(price, self.config.tier(tier), self.default_estimate)
         return quote
 
-    def count_usage(self, principal: Principal, free: bool, usage: dict[str, Any]) -> None:
-        """Without the ledger (limits alone), count a finished request's charge and tokens here."""
-        now = self.clock()
-        try:
-            cost = to_decimal(usage.get("cost")) or ZERO
-            amount = charged(cost, self.config.tier(principal.tier), free=free) if cost > 0 else ZERO
-            self.counters.spend(principal.user_id, now, amount, usage_tokens(usage), now)
-        except Exception:
-            log.exception("counting the usage of user %s failed", principal.user_id)
-
-    # -- the ledger's listeners (accounting.py) --------------------------------
-
-    def on_recorded(self, user_id: str, created_at: float, total: Decimal, tokens: int) -> None:
-        self.counters.spend(user_id, created_at, total, tokens, self.clock())
+    # -- the ledger's corrections (accounting.py) ------------------------------
 
     def on_total_changed(self, user_id: str, created_at: float, old: Decimal, new: Decimal) -> None:
         if new != old:
@@ -320,11 +332,13 @@ def prompt_tokens_bound(body: dict[str, Any]) -> int:
     """A generous token count for the prompt: one token per three characters of text.
 
     Tokenizers average about four characters a token in English; three leaves room for
-    code and other scripts. Over-estimating only holds a little more budget in flight."""
-    chars = _message_chars(body.get("messages"))
-    if "prompt" in body or "input" in body:
-        chars += _text_chars(body.get("prompt")) + _text_chars(body.get("input"))
+    code and other scripts. Over-estimating only holds a little more budget in flight.
+    (`Quote.estimate` inlines this; a test holds the two together.)"""
+    chars = _message_chars(body.get("messages")) + _text_chars(body.get("prompt")) + _text_chars(body.get("input"))
     return chars // 3 + 1
+
+
+_OTHER_CAPS = frozenset({"max_completion_tokens", "max_output_tokens"})
 
 
 def completion_tokens_cap(body: dict[str, Any]) -> int | None:
@@ -369,17 +383,18 @@ class Quote:
         cap = body.get("max_tokens")
         if type(cap) is not int or cap < 0:
             cap = completion_tokens_cap(body)
-        completion = self.default if cap is None else cap * self.completion
-        return self.request + prompt_tokens_bound(body) * self.prompt + completion
-
-
-def usage_tokens(usage: dict[str, Any]) -> int:
-    total = 0
-    for name in ("prompt_tokens", "completion_tokens"):
-        value = usage.get(name)
-        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-            total += value
-    return total
+        messages = body.get("messages")
+        chars = -1  # unknown until counted
+        if type(messages) is list and "prompt" not in body and "input" not in body:
+            chars = 0
+            for message in messages:  # `prompt_tokens_bound`, written out for the usual chat
+                content = message.get("content") if type(message) is dict else None
+                if type(content) is not str or "text" in message:
+                    chars = -1
+                    break
+                chars += len(content)
+        tokens = chars // 3 + 1 if chars >= 0 else prompt_tokens_bound(body)
+        return self.request + tokens * self.prompt + (self.default if cap is None else cap * self.completion)
 
 
 # -- responses ------------------------------------------------------------------------
@@ -407,13 +422,12 @@ def rate_headers(
 
     `*_used` are the windows' counts before this request; `*_oldest` their oldest bucket."""
     per_minute, per_hour = limits.requests_per_minute, limits.requests_per_hour
-    if per_minute is None and per_hour is None:
-        return []
     if per_minute is not None and (per_hour is None or per_minute - minute_used <= per_hour - hour_used):
         value, remaining, reset = per_minute, per_minute - minute_used - 1, _reset_bytes(minute_oldest, MINUTE_BUCKET_S)
-    else:
-        assert per_hour is not None
+    elif per_hour is not None:
         value, remaining, reset = per_hour, per_hour - hour_used - 1, _reset_bytes(hour_oldest, HOUR_BUCKET_S)
+    else:
+        return []
     return [
         (b"x-ratelimit-limit", _limit_bytes(value)),
         (b"x-ratelimit-remaining", str(remaining if remaining > 0 else 0).encode()),
@@ -423,11 +437,10 @@ def rate_headers(
 
 def success_headers(limits: Limits, before: Snapshot, now: float) -> list[tuple[bytes, bytes]]:
     """`rate_headers` from a snapshot taken before this request was counted."""
-    minute_now, hour_now = int(now // MINUTE_BUCKET_S), int(now // HOUR_BUCKET_S)
     return rate_headers(
         limits,
-        int(before.used("requests_per_minute")), next(iter(before.minute), minute_now),
-        int(before.used("requests_per_hour")), next(iter(before.hour), hour_now),
+        int(before.used("requests_per_minute")), next(iter(before.minute), int(now // MINUTE_BUCKET_S)),
+        int(before.used("requests_per_hour")), next(iter(before.hour), int(now // HOUR_BUCKET_S)),
     )
 
 
@@ -506,10 +519,9 @@ async def install_limits(gateway: "Gateway") -> Limiter:
 
 
 def attach_ledger(limiter: Limiter, ledger: Any) -> None:
-    """Count spend and tokens from the ledger's records (exactly what accounting records)."""
+    """Count exactly what accounting records: each request's `charged`, and settlement's corrections."""
     if ledger is None or limiter.ledger_attached:
         return
-    ledger.on_recorded(limiter.on_recorded)
     ledger.on_total_changed(limiter.on_total_changed)
     limiter.ledger_attached = True
 

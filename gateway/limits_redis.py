@@ -205,14 +205,15 @@ class RedisCounters:
             raise Refusal(refused, snapshot)
         return ticket_id, success_headers(limits, snapshot, now)
 
-    def finish(self, user_id: str, ticket_id: str) -> None:
+    def finish(self, user_id: str, ticket_id: str, at: float, amount: Decimal, tokens: int, now: float) -> None:
         in_flight, reservations = self._key(user_id, "f"), self._key(user_id, "r")
 
         def op(pipe: Any) -> None:
             pipe.zrem(in_flight, ticket_id)
             pipe.hdel(reservations, ticket_id)
 
-        self._later(user_id, op)
+        self._later(user_id, op)  # queued before the spend: both go in the same MULTI
+        self.spend(user_id, at, amount, tokens, now)
 
     def spend(self, user_id: str, at: float, amount: Decimal, tokens: int, now: float) -> None:
         if not amount and not tokens:

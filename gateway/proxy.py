@@ -13,6 +13,7 @@ import logging
 import secrets
 import time
 from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import Any, Awaitable, Callable, Protocol
 
 import orjson
@@ -95,6 +96,7 @@ class ProxyRequest:
     status: int = 0
     first_byte: float | None = None
     ended: float | None = None
+    charged: Decimal | None = None  # what accounting recorded as the user's charge (set by the Recorder)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -112,7 +114,10 @@ class Admission(Protocol):
 
 class Recorder(Protocol):
     def record(self, principal: Principal, request: ProxyRequest, observation: Observation) -> None:
-        """Called once per forwarded request that reached the upstream; must not block."""
+        """Called once per forwarded request that reached the upstream; must not block.
+
+        Sets `request.charged` when it records a charge, before the ticket is released (the
+        limits count that very amount against the budgets)."""
 
 
 class BodyPreparer(Protocol):

@@ -26,24 +26,26 @@ class SlidingWindow:
     the current bucket changes, so counting a request is O(1) on the hot path.
     """
 
-    __slots__ = ("span_s", "bucket_s", "_buckets", "_current", "total")
+    __slots__ = ("span_s", "bucket_s", "counts", "current", "total")
+    # A hot path may count into `counts[current]` and `total` itself once `current` is the
+    # bucket of now (as `advance` leaves it): that is all `bump` does.
 
     def __init__(self, span_s: float) -> None:
         self.span_s = span_s
         self.bucket_s = span_s / BUCKETS
-        self._buckets: dict[int, int] = {}
-        self._current = -1
+        self.counts: dict[int, int] = {}
+        self.current = -1  # the bucket the window was last advanced to
         self.total = 0
 
     def advance(self, now: float) -> int:
         """Move the window to `now` (dropping buckets that left it); returns the current bucket."""
         current = int(now // self.bucket_s)
-        if current != self._current:
-            self._current = current
+        if current != self.current:
+            self.current = current
             oldest = current - BUCKETS + 1
-            if self._buckets and min(self._buckets) < oldest:
-                self._buckets = {k: v for k, v in self._buckets.items() if k >= oldest}
-                self.total = sum(self._buckets.values())
+            if self.counts and min(self.counts) < oldest:
+                self.counts = {k: v for k, v in self.counts.items() if k >= oldest}
+                self.total = sum(self.counts.values())
         return current
 
     def count(self, now: float) -> int:
@@ -55,20 +57,20 @@ class SlidingWindow:
 
     def bump(self, current: int, amount: int = 1) -> None:
         """Count into the current bucket, as `advance` returned it (the hot path's one-step `add`)."""
-        buckets = self._buckets
+        buckets = self.counts
         buckets[current] = buckets.get(current, 0) + amount
         self.total += amount
 
-    def oldest(self, current: int) -> int:
+    def oldest(self) -> int:
         """The oldest counted bucket (the current one when the window is empty)."""
-        for bucket in self._buckets:  # kept in ascending order: buckets are only ever added newest last
+        for bucket in self.counts:  # kept in ascending order: buckets are only ever added newest last
             return bucket
-        return current
+        return self.current
 
     def view(self, now: float) -> dict[int, int]:
         """The live buckets (not a copy): read it before changing the window again."""
         self.advance(now)
-        return self._buckets
+        return self.counts
 
     def buckets(self, now: float) -> dict[int, int]:
         return dict(self.view(now))

@@ -189,8 +189,6 @@ def test_float_cost_is_refused_not_rounded() -> None:
 async def test_record_is_queued_and_seen_at_once_then_written_in_one_batch(store: Store) -> None:
     clock = FakeClock()
     ledger = make_ledger(store, clock, FakeUpstream())
-    seen: list[tuple[str, float, Decimal, int]] = []
-    ledger.on_recorded(lambda *args: seen.append(args))
     writes: list[int] = []
     real_write = store.usage.write
 
@@ -199,9 +197,10 @@ async def test_record_is_queued_and_seen_at_once_then_written_in_one_batch(store
         await real_write(records, settlements)
 
     store.usage.write = counting_write  # type: ignore[method-assign]
-    for n in range(50):
-        ledger.record(principal(), proxy_request(request_id=f"req_{n}"), observation(f"gen-{n}", "0.1"))
-    assert len(seen) == 50 and seen[0] == ("usr_a", T0, Decimal("0.115"), 15)
+    requests = [proxy_request(request_id=f"req_{n}") for n in range(50)]
+    for n, request in enumerate(requests):
+        ledger.record(principal(), request, observation(f"gen-{n}", "0.1"))
+    assert {r.charged for r in requests} == {Decimal("0.115")}  # what the limits will count, set at once
     assert await store.usage.count() == 0  # nothing written on the request path
     assert (await ledger.lookup("gen-7")).total_cost == Decimal("0.115")  # type: ignore[union-attr]
     assert await ledger.flush() == 50

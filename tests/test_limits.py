@@ -17,7 +17,7 @@ from gateway.config import Config
 from gateway.errors import PaymentRequired, RateLimited
 from gateway.money import charged
 from gateway.limits import Limiter, Limits, Quote, Refusal, estimate_cost, first_refusal, prompt_tokens_bound, rate_headers
-from gateway.limits_memory import MemoryCounters, _UserCounters
+from gateway.limits_memory import MemoryCounters
 from gateway.limits_redis import RedisCounters
 from gateway.proxy import ProxyRequest
 from gateway.sse import Observation
@@ -49,11 +49,7 @@ class FakeCatalog:
 
 class FakeLedger:
     def __init__(self) -> None:
-        self.recorded: list[Any] = []
         self.changed: list[Any] = []
-
-    def on_recorded(self, cb: Any) -> None:
-        self.recorded.append(cb)
 
     def on_total_changed(self, cb: Any) -> None:
         self.changed.append(cb)
@@ -89,10 +85,10 @@ def principal(user: str = "u1", **overrides: Any) -> Principal:
     return Principal(user_id=user, token_id="tok", tier="t", status="active", overrides=overrides, key=None)
 
 
-def request(model: str | None = PAID, **body: Any) -> ProxyRequest:
+def request(model: str | None = PAID, started: float = T0, **body: Any) -> ProxyRequest:
     body = {"model": model, "messages": [{"role": "user", "content": "hi"}], **body}
     return ProxyRequest(endpoint="/chat/completions", body=body, raw=b"{}", model=model, stream=False,
-                        started=0.0, request_id="req")
+                        started=started, request_id="req")
 
 
 def used(cost: str, prompt: int = 1, completion: int = 1) -> Observation:
@@ -230,7 +226,9 @@ def test_a_quote_is_the_estimate_charged_at_the_tier_markup() -> None:
     tier = Config.model_validate({"tiers": {"t": {"markup_pct": "12.5"}}, "default_tier": "t"}).tier("t")
     price = ModelPrice(Decimal("0.000003"), Decimal("0.000015"), Decimal("0.0004"))
     for body in ({"messages": [{"role": "user", "content": "x" * 100}], "max_tokens": 256},
-                 {"prompt": "abc", "max_completion_tokens": 7}, {"input": ["a", "b"]}, {"max_tokens": True}):
+                 {"prompt": "abc", "max_completion_tokens": 7}, {"input": ["a", "b"]}, {"max_tokens": True},
+                 {"messages": [{"content": "abcd"}, {"content": [{"type": "text", "text": "ef"}]}]},
+                 {"messages": [{"content": "ab", "text": "cdefg"}, "hij"], "prompt": "k"}, {"messages": []}):
         for p in (price, None):
             expected = charged(estimate_cost(p, body, Decimal("0.5")), tier, free=False)
             assert Quote(p, tier, Decimal("0.5")).estimate(body) == expected, (body, p)
@@ -363,11 +361,15 @@ async def test_with_the_ledger_spend_comes_from_its_records_and_corrections(coun
     ledger = FakeLedger()
     attach_ledger(limiter, ledger)
     attach_ledger(limiter, ledger)
-    assert len(ledger.recorded) == len(ledger.changed) == 1
+    assert len(ledger.changed) == 1
     p = principal()
-    ticket = await limiter.admit(p, request(max_tokens=2))
-    ledger.recorded[0]("u1", clock.now, Decimal("4"), 30)
-    ticket.release(used("4", prompt=10, completion=20))  # not counted twice
+    recorded = request(max_tokens=2)
+    ticket = await limiter.admit(p, recorded)
+    recorded.charged = Decimal("4")  # what accounting recorded (markup in), not the usage's cost
+    ticket.release(used("3", prompt=10, completion=20))
+    ticket.release(used("3", prompt=10, completion=20))  # a second release changes nothing
+    unrecorded = request(max_tokens=2)
+    (await limiter.admit(p, unrecorded)).release(None)  # never reached the upstream: nothing charged
     ledger.changed[0]("u1", clock.now, Decimal("4"), Decimal("4.25"))
     ledger.changed[0]("u1", clock.now - 86400, Decimal("1"), Decimal("2"))  # yesterday: not today's budget
     _, snapshot, _ = await limiter.standing(p)
@@ -408,11 +410,13 @@ def _random_limits(rng: random.Random) -> Limits:
 
 
 def test_the_memory_fast_path_refuses_exactly_as_first_refusal() -> None:
-    """`_UserCounters.refusal` (no Snapshot, hot path) and `first_refusal` (a snapshot, Redis's rules)
-    give the same answer on random counters, limits and clocks, crossing minute, hour and day edges."""
+    """`MemoryCounters.acquire_now` (written out for speed) and `first_refusal` (a snapshot; Redis's
+    rules) agree on random counters, limits and clocks crossing minute, hour and day edges; a
+    refusal changes nothing and an admission counts exactly one request."""
     rng = random.Random(5)
     for _ in range(300):
-        user, now = _UserCounters(), T0 + rng.uniform(-90_000, 90_000)
+        counters, now = MemoryCounters(), T0 + rng.uniform(-90_000, 90_000)
+        user = counters._user("u")
         for _ in range(rng.randint(0, 25)):
             now += rng.choice((0.2, 1.5, 20.0, 700.0, 3000.0))
             step = rng.random()
@@ -427,9 +431,17 @@ def test_the_memory_fast_path_refuses_exactly_as_first_refusal() -> None:
                 user.inflight += 1
                 user.reserved += Decimal(rng.randint(0, 200)) / 100
             limits, free = _random_limits(rng), rng.random() < 0.2
-            user.minute.advance(now)
-            user.hour.advance(now)
-            assert user.refusal(limits, free, now) == first_refusal(limits, user.snapshot(now), free=free)
+            before = user.snapshot(now)
+            expected = first_refusal(limits, before, free=free)
+            try:
+                counters.acquire_now("u", limits, Decimal("0.25"), free, now)
+            except Refusal as refused:
+                assert refused.name == expected and user.snapshot(now) == before
+            else:
+                assert expected is None
+                after = user.snapshot(now)
+                assert sum(after.minute.values()) == sum(before.minute.values()) + 1
+                assert after.inflight == before.inflight + 1
 
 
 @pytest.mark.anyio
