@@ -110,7 +110,7 @@ def first_refusal(limits: Limits, snapshot: Snapshot, *, free: bool) -> str | No
     """The name of the first limit (in check order) that refuses one more request, or None.
 
     The Redis Lua script (`limits_redis.ADMIT`) and the memory backend's hot path
-    (`limits_memory._UserCounters.refusal`) apply exactly these rules.
+    (`limits_memory.MemoryCounters.acquire_now`) apply exactly these rules.
     """
     for name in (*REQUEST_LIMITS, "tokens_per_hour"):
         value = getattr(limits, name)
@@ -336,9 +336,6 @@ def prompt_tokens_bound(body: dict[str, Any]) -> int:
     (`Quote.estimate` inlines this; a test holds the two together.)"""
     chars = _message_chars(body.get("messages")) + _text_chars(body.get("prompt")) + _text_chars(body.get("input"))
     return chars // 3 + 1
-
-
-_OTHER_CAPS = frozenset({"max_completion_tokens", "max_output_tokens"})
 
 
 def completion_tokens_cap(body: dict[str, Any]) -> int | None:
