@@ -152,9 +152,7 @@ class Catalog:
         return self._snapshot
 
     def _fresh(self) -> bool:
-        return self._snapshot is not None and not self._snapshot.stale and (
-            self._clock() - self._snapshot.fetched_at < self._ttl_s
-        )
+        return self._clock() < self._fresh_until
 
     def _backing_off(self) -> bool:
         return self._failures > 0 and self._clock() < self._retry_at

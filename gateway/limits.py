@@ -252,10 +252,7 @@ class Limiter:
         if free or not limits.budgeted:
             reserve = ZERO  # reservations only matter against a budget
         else:
-            quote = self._quotes.get((id(price), principal.tier))
-            if quote is None or quote.price is not price:
-                quote = self._quote(price, principal.tier)
-            reserve = quote.estimate(body)
+            reserve = self._quote(price, principal.tier).estimate(body)
             for fallback in fallbacks:
                 reserve = max(reserve, self._quote(self.catalog.price(fallback), principal.tier).estimate(body))
         now = self.clock()
@@ -332,8 +329,7 @@ def prompt_tokens_bound(body: dict[str, Any]) -> int:
     """A generous token count for the prompt: one token per three characters of text.
 
     Tokenizers average about four characters a token in English; three leaves room for
-    code and other scripts. Over-estimating only holds a little more budget in flight.
-    (`Quote.estimate` inlines this; a test holds the two together.)"""
+    code and other scripts. Over-estimating only holds a little more budget in flight."""
     chars = _message_chars(body.get("messages")) + _text_chars(body.get("prompt")) + _text_chars(body.get("input"))
     return chars // 3 + 1
 
@@ -377,21 +373,9 @@ class Quote:
     def estimate(self, body: dict[str, Any]) -> Decimal:
         if self.price is None:
             return self.default
-        cap = body.get("max_tokens")
-        if type(cap) is not int or cap < 0:
-            cap = completion_tokens_cap(body)
-        messages = body.get("messages")
-        chars = -1  # unknown until counted
-        if type(messages) is list and "prompt" not in body and "input" not in body:
-            chars = 0
-            for message in messages:  # `prompt_tokens_bound`, written out for the usual chat
-                content = message.get("content") if type(message) is dict else None
-                if type(content) is not str or "text" in message:
-                    chars = -1
-                    break
-                chars += len(content)
-        tokens = chars // 3 + 1 if chars >= 0 else prompt_tokens_bound(body)
-        return self.request + tokens * self.prompt + (self.default if cap is None else cap * self.completion)
+        cap = completion_tokens_cap(body)
+        prompt = prompt_tokens_bound(body) * self.prompt
+        return self.request + prompt + (self.default if cap is None else cap * self.completion)
 
 
 # -- responses ------------------------------------------------------------------------

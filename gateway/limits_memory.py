@@ -17,7 +17,6 @@ from gateway.windows import PERIODS, SlidingWindow, period_ids
 
 DAY, MONTH = PERIODS.index("day"), PERIODS.index("month")
 PERIOD_INDEXES = range(len(PERIODS))
-assert len(PERIODS) == 3, "finish() adds a charge to the three periods written out"
 assert MINUTE_BUCKET_S == 1 and HOUR_BUCKET_S == 60, "the hot path computes buckets with integer arithmetic"
 
 
@@ -152,29 +151,16 @@ class MemoryCounters:
         if hold:
             user.reserved -= hold
         if amount:
-            if user.counted_from <= at < user.counted_until:  # in the periods counted now (nearly always)
-                spend = user.spend
-                spend[0] += amount
-                spend[1] += amount
-                spend[2] += amount
-                user.total += amount
-            else:
-                user.add_spend(at, amount)
+            user.add_spend(at, amount)
         if tokens:
-            window = user.tokens
-            bucket = int(now) // 60
-            if bucket != window.current:
-                window.advance(now)
-            window.counts[bucket] = window.counts.get(bucket, 0) + tokens
-            window.total += tokens
+            user.tokens.add(now, tokens)
 
     def spend(self, user_id: str, at: float, amount: Decimal, tokens: int, now: float) -> None:
         user = self._users.get(user_id) or self._user(user_id)
         if amount:
             user.add_spend(at, amount)
         if tokens:
-            tokens_window = user.tokens
-            tokens_window.bump(tokens_window.advance(now), tokens)
+            user.tokens.add(now, tokens)
 
     async def snapshot(self, user_id: str, now: float) -> Snapshot:
         user = self._users.get(user_id)
