@@ -173,7 +173,7 @@ class Ledger:
         if record.generation_id in self._unwritten:
             return  # the same generation reported twice: one record
         self._unwritten[record.generation_id] = record
-        request.charged = record.total_cost  # the limits count it when the request's ticket is released
+        request.charged, request.tokens = record.total_cost, record.tokens  # the limits count these on release
         if record.settle_status == PENDING and principal.key is not None:
             self.settler.schedule(record, key=principal.key.secret, due=first_lookup_at, created_ts=request.started)
         if self.flush_interval_s == 0:

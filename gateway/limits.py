@@ -25,19 +25,19 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, field, fields
-from functools import lru_cache
-from decimal import Decimal, InvalidOperation
-from typing import TYPE_CHECKING, Any, Protocol
+from decimal import ROUND_CEILING, Decimal, InvalidOperation
+from typing import TYPE_CHECKING, Any, Callable, Protocol
 
+from gateway.accounting import usage_tokens
 from gateway.auth import Principal
 from gateway.catalog import FREE_SUFFIX, ModelPrice
 from gateway.clock import Clock, iso, system_clock
 from gateway.config import Config, TierConfig
 from gateway.errors import PaymentRequired, RateLimited
-from gateway.money import ZERO, charged, to_decimal
+from gateway.money import ZERO, charged, to_decimal, to_pico
 from gateway.proxy import ProxyRequest
 from gateway.sse import Observation
-from gateway.windows import PERIODS, SlidingWindow, expiry, frees_at, period_end, period_start
+from gateway.windows import PERIODS, SlidingWindow, frees_at, period_end, period_start
 
 if TYPE_CHECKING:
     from gateway.app import Gateway
@@ -48,6 +48,9 @@ MINUTE, HOUR = 60.0, 3600.0
 MINUTE_BUCKET_S, HOUR_BUCKET_S = SlidingWindow(MINUTE).bucket_s, SlidingWindow(HOUR).bucket_s
 REQUEST_LIMITS = ("requests_per_minute", "requests_per_hour", "max_concurrent")
 BUDGETS = {"daily_budget_usd": "day", "monthly_budget_usd": "month"}
+COMPLETION_CAPS = ("max_tokens", "max_completion_tokens", "max_output_tokens")  # the first valid one counts
+_CAP_NAMES = frozenset(COMPLETION_CAPS)
+UNLIMITED = 1 << 62  # above any count or amount: a limit that is not set, as the counters' hot path compares it
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,10 +63,29 @@ class Limits:
     tokens_per_hour: int | None = None
     daily_budget_usd: Decimal | None = None
     monthly_budget_usd: Decimal | None = None
-    budgeted: bool = field(init=False, compare=False)  # any budget: requests then hold reservations
+    # Derived once for the counters: whether requests hold reservations (any budget), and each
+    # limit as an int to compare with no None test (`UNLIMITED` when not set; money in picodollars).
+    budgeted: bool = field(init=False, compare=False)
+    rpm_cap: int = field(init=False, compare=False)
+    rph_cap: int = field(init=False, compare=False)
+    concurrent_cap: int = field(init=False, compare=False)
+    tokens_cap: int = field(init=False, compare=False)
+    daily_cap_pico: int = field(init=False, compare=False)
+    monthly_cap_pico: int = field(init=False, compare=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "budgeted", self.daily_budget_usd is not None or self.monthly_budget_usd is not None)
+        def cap(value: int | None) -> int:
+            return UNLIMITED if value is None else value
+
+        daily, monthly = self.daily_budget_usd, self.monthly_budget_usd
+        for name, value in (
+            ("budgeted", daily is not None or monthly is not None),
+            ("rpm_cap", cap(self.requests_per_minute)), ("rph_cap", cap(self.requests_per_hour)),
+            ("concurrent_cap", cap(self.max_concurrent)), ("tokens_cap", cap(self.tokens_per_hour)),
+            ("daily_cap_pico", UNLIMITED if daily is None else to_pico(daily)),
+            ("monthly_cap_pico", UNLIMITED if monthly is None else to_pico(monthly)),
+        ):
+            object.__setattr__(self, name, value)
 
     @classmethod
     def of(cls, tier: TierConfig, overrides: dict[str, Any] | None = None) -> "Limits":
@@ -110,7 +132,8 @@ def first_refusal(limits: Limits, snapshot: Snapshot, *, free: bool) -> str | No
     """The name of the first limit (in check order) that refuses one more request, or None.
 
     The Redis Lua script (`limits_redis.ADMIT`) and the memory backend's hot path
-    (`limits_memory.MemoryCounters.acquire_now`) apply exactly these rules.
+    (`limits_memory.MemoryCounters.acquire_now`) apply exactly these rules. Budgets compare
+    in whole picodollars, as both backends count money.
     """
     for name in (*REQUEST_LIMITS, "tokens_per_hour"):
         value = getattr(limits, name)
@@ -119,7 +142,7 @@ def first_refusal(limits: Limits, snapshot: Snapshot, *, free: bool) -> str | No
     if not free:
         for name in BUDGETS:
             value = getattr(limits, name)
-            if value is not None and snapshot.used(name) >= value:
+            if value is not None and to_pico(snapshot.used(name)) >= to_pico(value):
                 return name
     return None
 
@@ -148,23 +171,22 @@ class Refusal(Exception):
 
 
 class Counters(Protocol):
-    """Where the counters live: this process's memory, or Redis shared by every instance."""
+    """Where the counters live: this process's memory, or Redis shared by every instance.
 
-    async def acquire(
-        self, user_id: str, limits: Limits, reserve: Decimal, free: bool, now: float
-    ) -> tuple[Any, list[tuple[bytes, bytes]]]:
+    Money goes in as whole picodollars (`money.to_pico`): reservations and charges are ints."""
+
+    async def acquire(self, user_id: str, limits: Limits, reserve: int, free: bool, now: float) -> Any:
         """Atomically: count the request and hold its reservation, or raise `Refusal`.
 
-        Returns the hold (what `finish` needs to let go of it) and the request's X-RateLimit-*
-        headers (`rate_headers`, counting this request). A backend that never waits may also
+        Returns the hold: what `finish` needs to let go of it. A backend that never waits may also
         offer the same as a plain method, `acquire_now`, which the limiter then calls instead."""
 
-    def finish(self, user_id: str, hold: Any, at: float, amount: Decimal, tokens: int, now: float) -> None:
+    def finish(self, user_id: str, hold: Any, at: float, amount: int, tokens: int, now: float) -> None:
         """The request is over: it no longer counts as in flight, its reservation is dropped, and
         its charge (`spend(at, amount, tokens, now)`) is counted, in one step."""
 
-    def spend(self, user_id: str, at: float, amount: Decimal, tokens: int, now: float) -> None:
-        """Add a charge (made by a request started at `at`) and tokens used now."""
+    def spend(self, user_id: str, at: float, amount: int, tokens: int, now: float) -> None:
+        """Add a charge (picodollars, made by a request started at `at`) and tokens used now."""
 
     async def snapshot(self, user_id: str, now: float) -> Snapshot: ...
 
@@ -175,45 +197,45 @@ class Counters(Protocol):
 
 
 class LimitTicket:
-    """An admitted request's hold on its limits: X-RateLimit-* headers and one release."""
+    """An admitted request's hold on its limits, let go of once (`release`)."""
 
-    __slots__ = ("headers", "_limiter", "_principal", "_request", "_hold", "_free", "_released")
+    __slots__ = ("_limiter", "_principal", "_request", "_hold", "_free")
 
-    def __init__(self, limiter: "Limiter", principal: Principal, request: ProxyRequest, hold: Any, free: bool,
-                 headers: list[tuple[bytes, bytes]]) -> None:
-        self.headers = headers
-        self._limiter = limiter
+    def __init__(self, limiter: "Limiter", principal: Principal, request: ProxyRequest, hold: Any, free: bool) -> None:
+        self._limiter: Limiter | None = limiter  # None once released
         self._principal = principal
         self._request = request
         self._hold = hold
         self._free = free
-        self._released = False
 
     def release(self, observation: Observation | None) -> None:
-        """Let go of the hold and count the real charge: what accounting recorded on the request
-        (`request.charged`) or, with no ledger, what the response's usage says."""
-        if self._released:
+        """Let go of the hold and count the real charge and tokens: what accounting recorded on the
+        request (`request.charged`, `request.tokens`) or, with no ledger, what the response's usage says."""
+        limiter = self._limiter
+        if limiter is None:
             return
-        self._released = True
-        limiter, request = self._limiter, self._request
-        usage = observation.usage if observation is not None else None
+        self._limiter = None
+        request = self._request
         try:
-            amount, tokens, now = ZERO, 0, request.ended or request.started
-            if usage is not None:
-                prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
-                tokens = (prompt if type(prompt) is int and prompt > 0 else 0) + (
-                    completion if type(completion) is int and completion > 0 else 0)  # counted as the response ended
-                if limiter.ledger_attached:
-                    amount = request.charged or ZERO
-                else:
-                    cost = to_decimal(usage.get("cost")) or ZERO
-                    if cost > 0:
-                        amount = charged(cost, limiter.config.tier(self._principal.tier), free=self._free)
-            elif limiter.ledger_attached and request.charged:
-                amount = request.charged  # recorded without usage (e.g. a mid-stream error)
-            limiter.counters.finish(self._principal.user_id, self._hold, request.started, amount, tokens, now)
+            if limiter.ledger_attached:
+                amount = request.charged
+                amount, tokens = (to_pico(amount) if amount else 0), request.tokens
+            else:
+                amount, tokens = self._from_usage(limiter, observation)
+            limiter.counters.finish(
+                self._principal.user_id, self._hold, request.started, amount, tokens, request.ended or request.started)
         except Exception:
             log.exception("releasing the limits of user %s failed", self._principal.user_id)
+
+    def _from_usage(self, limiter: "Limiter", observation: Observation | None) -> tuple[int, int]:
+        """(charge in picodollars, tokens) from the response's usage, when no ledger records them."""
+        usage = observation.usage if observation is not None else None
+        if usage is None:
+            return 0, 0
+        prompt, completion = usage_tokens(usage)[:2]
+        cost = to_decimal(usage.get("cost")) or ZERO
+        amount = to_pico(charged(cost, limiter.config.tier(self._principal.tier), free=self._free)) if cost > 0 else 0
+        return amount, prompt + completion
 
 
 class Limiter:
@@ -228,7 +250,11 @@ class Limiter:
         self.ledger_attached = False  # then a request's charge is what accounting recorded (`request.charged`)
         self._limits: dict[str, tuple[Principal, Limits]] = {}
         self._quotes: dict[tuple[int, str], Quote] = {}  # (id of a catalogue price, tier) → its quote
-        self._acquire_now = getattr(counters, "acquire_now", None)  # no coroutine per request in memory
+        self._acquire_now = getattr(counters, "acquire_now", None)
+        # Memory counters never wait, so admission needs no coroutine either: the proxy calls
+        # `admit_now` when it is there (it is not with Redis).
+        self.admit_now: Callable[[Principal, ProxyRequest], LimitTicket] | None = (
+            self._admit_in_memory if self._acquire_now is not None else None)
 
     def limits_of(self, principal: Principal) -> Limits:
         """The user's limits, computed once per cached principal (a change to the user replaces it)."""
@@ -242,7 +268,31 @@ class Limiter:
         return limits
 
     async def admit(self, principal: Principal, request: ProxyRequest) -> LimitTicket:
+        if self.admit_now is not None:
+            return self.admit_now(principal, request)
         limits = self.limits_of(principal)
+        reserve, free = self._reservation(principal, request, limits)
+        now = self.clock()
+        try:
+            hold = await self.counters.acquire(principal.user_id, limits, reserve, free, now)
+        except Refusal as refused:
+            raise refusal(refused.name, limits, refused.snapshot, now) from None
+        return LimitTicket(self, principal, request, hold, free)
+
+    def _admit_in_memory(self, principal: Principal, request: ProxyRequest) -> LimitTicket:
+        """`admit` over counters that never wait (`acquire_now`): no coroutine per request."""
+        limits = self.limits_of(principal)
+        reserve, free = self._reservation(principal, request, limits)
+        now = self.clock()
+        try:
+            hold = self._acquire_now(principal.user_id, limits, reserve, free, now)  # type: ignore[misc]
+        except Refusal as refused:
+            raise refusal(refused.name, limits, refused.snapshot, now) from None
+        return LimitTicket(self, principal, request, hold, free)
+
+    def _reservation(self, principal: Principal, request: ProxyRequest, limits: Limits) -> tuple[int, bool]:
+        """What the request holds against the budgets in picodollars (0 when free or unbudgeted), and
+        whether it is free."""
         body, model = request.body, request.model
         price = self.catalog.price(model)  # one catalogue look-up serves "is it free" and the estimate
         free = model is not None and (model.endswith(FREE_SUFFIX) or (price is not None and price.free))
@@ -250,20 +300,11 @@ class Limiter:
         if free and fallbacks:
             free = all(self.catalog.is_free(m) for m in fallbacks)
         if free or not limits.budgeted:
-            reserve = ZERO  # reservations only matter against a budget
-        else:
-            reserve = self._quote(price, principal.tier).estimate(body)
-            for fallback in fallbacks:
-                reserve = max(reserve, self._quote(self.catalog.price(fallback), principal.tier).estimate(body))
-        now = self.clock()
-        try:
-            if self._acquire_now is not None:
-                hold, headers = self._acquire_now(principal.user_id, limits, reserve, free, now)
-            else:
-                hold, headers = await self.counters.acquire(principal.user_id, limits, reserve, free, now)
-        except Refusal as refused:
-            raise refusal(refused.name, limits, refused.snapshot, now) from None
-        return LimitTicket(self, principal, request, hold, free, headers)
+            return 0, free  # reservations only matter against a budget
+        reserve = self._quote(price, principal.tier).estimate(body)
+        for fallback in fallbacks:
+            reserve = max(reserve, self._quote(self.catalog.price(fallback), principal.tier).estimate(body))
+        return reserve, free
 
     def _quote(self, price: ModelPrice | None, tier: str) -> "Quote":
         """The tier's quote for a price, kept per (price object, tier): catalogue refreshes bring new ones."""
@@ -277,8 +318,9 @@ class Limiter:
     # -- the ledger's corrections (accounting.py) ------------------------------
 
     def on_total_changed(self, user_id: str, created_at: float, old: Decimal, new: Decimal) -> None:
-        if new != old:
-            self.counters.spend(user_id, created_at, new - old, 0, self.clock())
+        change = to_pico(new) - to_pico(old)  # so the counted picodollars add up to the final charge's
+        if change:
+            self.counters.spend(user_id, created_at, change, 0, self.clock())
 
     # -- reading back ------------------------------------------------------------
 
@@ -314,30 +356,32 @@ def _text_chars(value: Any) -> int:
     return 0
 
 
-def _message_chars(messages: Any) -> int:
-    """`_text_chars` of a chat's messages, with the usual shape (string contents) on a short path."""
-    if type(messages) is not list:
-        return _text_chars(messages)
-    total = 0
-    for message in messages:
-        content = message.get("content") if type(message) is dict else None
-        total += len(content) if type(content) is str and "text" not in message else _text_chars(message)
-    return total
-
-
 def prompt_tokens_bound(body: dict[str, Any]) -> int:
     """A generous token count for the prompt: one token per three characters of text.
 
     Tokenizers average about four characters a token in English; three leaves room for
     code and other scripts. Over-estimating only holds a little more budget in flight."""
-    chars = _message_chars(body.get("messages")) + _text_chars(body.get("prompt")) + _text_chars(body.get("input"))
+    messages = body.get("messages")
+    if type(messages) is list:  # `_message_chars` inline: every request with a budget comes here
+        chars = 0
+        for message in messages:
+            content = message.get("content") if type(message) is dict else None
+            chars += len(content) if type(content) is str and "text" not in message else _text_chars(message)
+    else:
+        chars = _text_chars(messages)
+    if "prompt" in body:
+        chars += _text_chars(body["prompt"])
+    if "input" in body:
+        chars += _text_chars(body["input"])
     return chars // 3 + 1
 
 
 def completion_tokens_cap(body: dict[str, Any]) -> int | None:
-    for name in ("max_tokens", "max_completion_tokens", "max_output_tokens"):
+    if _CAP_NAMES.isdisjoint(body):
+        return None
+    for name in COMPLETION_CAPS:
         value = body.get(name)
-        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        if type(value) is int and value >= 0:  # `type`, not isinstance: True is not a cap
             return value
     return None
 
@@ -355,22 +399,24 @@ def estimate_cost(price: ModelPrice | None, body: dict[str, Any], default: Decim
 
 
 class Quote:
-    """A catalogue price as one tier charges it (markup folded in): an estimate costs two products.
+    """A catalogue price as one tier charges it, in whole picodollars: an estimate is integer work.
 
-    `estimate(body)` equals `charged(estimate_cost(price, body, default), tier)`."""
+    Each price is the tier's charge rounded up, so `estimate(body)` is never below
+    `to_pico(charged(estimate_cost(price, body, default), tier), ROUND_CEILING)` and above it by
+    less than a picodollar per token."""
 
     __slots__ = ("price", "request", "prompt", "completion", "default")
 
     def __init__(self, price: ModelPrice | None, tier: TierConfig, default: Decimal) -> None:
-        def charge(amount: Decimal) -> Decimal:
-            return charged(amount, tier, free=False)
+        def charge(amount: Decimal) -> int:
+            return to_pico(charged(amount, tier, free=False), ROUND_CEILING)
 
         self.price = price
         self.default = charge(default)
         self.request, self.prompt, self.completion = (
-            (charge(price.request), charge(price.prompt), charge(price.completion)) if price else (ZERO, ZERO, ZERO))
+            (charge(price.request), charge(price.prompt), charge(price.completion)) if price else (0, 0, 0))
 
-    def estimate(self, body: dict[str, Any]) -> Decimal:
+    def estimate(self, body: dict[str, Any]) -> int:
         if self.price is None:
             return self.default
         cap = completion_tokens_cap(body)
@@ -381,48 +427,8 @@ class Quote:
 # -- responses ------------------------------------------------------------------------
 
 
-def _epoch_ms(ts: float) -> bytes:
-    return str(int(math.ceil(ts * 1000))).encode()
-
-
-@lru_cache(maxsize=256)
-def _reset_bytes(oldest: int, bucket_s: float) -> bytes:
-    """X-RateLimit-Reset for a window whose oldest bucket is `oldest` (one value per second or minute)."""
-    return _epoch_ms(expiry(oldest, bucket_s))
-
-
-@lru_cache(maxsize=1024)
-def _limit_bytes(value: int) -> bytes:
-    return str(value).encode()
-
-
-def rate_headers(
-    limits: Limits, minute_used: int, minute_oldest: int, hour_used: int, hour_oldest: int
-) -> list[tuple[bytes, bytes]]:
-    """X-RateLimit-* for the tighter of the request windows, counting this request.
-
-    `*_used` are the windows' counts before this request; `*_oldest` their oldest bucket."""
-    per_minute, per_hour = limits.requests_per_minute, limits.requests_per_hour
-    if per_minute is not None and (per_hour is None or per_minute - minute_used <= per_hour - hour_used):
-        value, remaining, reset = per_minute, per_minute - minute_used - 1, _reset_bytes(minute_oldest, MINUTE_BUCKET_S)
-    elif per_hour is not None:
-        value, remaining, reset = per_hour, per_hour - hour_used - 1, _reset_bytes(hour_oldest, HOUR_BUCKET_S)
-    else:
-        return []
-    return [
-        (b"x-ratelimit-limit", _limit_bytes(value)),
-        (b"x-ratelimit-remaining", str(remaining if remaining > 0 else 0).encode()),
-        (b"x-ratelimit-reset", reset),
-    ]
-
-
-def success_headers(limits: Limits, before: Snapshot, now: float) -> list[tuple[bytes, bytes]]:
-    """`rate_headers` from a snapshot taken before this request was counted."""
-    return rate_headers(
-        limits,
-        int(before.used("requests_per_minute")), next(iter(before.minute), int(now // MINUTE_BUCKET_S)),
-        int(before.used("requests_per_hour")), next(iter(before.hour), int(now // HOUR_BUCKET_S)),
-    )
+def _epoch_ms(ts: float) -> str:
+    return str(int(math.ceil(ts * 1000)))
 
 
 def _money(amount: Decimal) -> str:
@@ -462,7 +468,7 @@ def refusal(name: str, limits: Limits, snapshot: Snapshot, now: float) -> RateLi
         "retry-after": str(wait),
         "x-ratelimit-limit": str(value),
         "x-ratelimit-remaining": "0",
-        "x-ratelimit-reset": _epoch_ms(at).decode(),
+        "x-ratelimit-reset": _epoch_ms(at),
     }
     return RateLimited(
         f"Rate limit reached: {name} is {value} for your account ({what}). "
@@ -507,4 +513,4 @@ def attach_ledger(limiter: Limiter, ledger: Any) -> None:
     limiter.ledger_attached = True
 
 
-__all__ = ["Limiter", "Limits", "Refusal", "Snapshot", "install_limits", "rate_headers"]
+__all__ = ["Limiter", "Limits", "Refusal", "Snapshot", "install_limits"]

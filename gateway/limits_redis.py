@@ -24,19 +24,19 @@ import asyncio
 import itertools
 import logging
 import secrets
-from decimal import ROUND_CEILING, ROUND_HALF_EVEN, Decimal
+from decimal import Decimal
 from typing import Any, Callable
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from gateway.errors import ServiceUnavailable
-from gateway.limits import HOUR_BUCKET_S, MINUTE_BUCKET_S, Limits, Refusal, Snapshot, success_headers
+from gateway.limits import HOUR_BUCKET_S, MINUTE_BUCKET_S, Limits, Refusal, Snapshot
+from gateway.money import from_pico, to_pico
 from gateway.windows import PERIODS, period_id
 
 log = logging.getLogger("gateway.limits")
 
-PICO = Decimal(10) ** 12
 PERIOD_TTL_S = {"day": 3 * 86400, "week": 15 * 86400, "month": 63 * 86400}
 WINDOW_TTL_S = {"m": 120, "h": 7200, "t": 7200}
 
@@ -100,23 +100,13 @@ return {refused, minute_kept, hour_kept, tokens_kept, inflight, string.format('%
 """
 
 
-def to_pico(amount: Decimal, rounding: str = ROUND_HALF_EVEN) -> int:
-    return int((amount * PICO).to_integral_value(rounding))
-
-
-def from_pico(value: Any) -> Decimal:
-    return Decimal(int(value or 0)) / PICO
-
-
 def _buckets(flat: list[Any]) -> dict[int, int]:
     """Bucket → count in ascending bucket order (Snapshot's contract; Redis hashes are unordered)."""
     return dict(sorted((int(flat[i]), int(flat[i + 1])) for i in range(0, len(flat), 2)))
 
 
-def _limit(value: int | Decimal | None, money: bool = False) -> int:
-    if value is None:
-        return -1
-    return to_pico(value, ROUND_HALF_EVEN) if money else int(value)
+def _limit(value: int | None) -> int:
+    return -1 if value is None else value
 
 
 class RedisCounters:
@@ -176,9 +166,7 @@ class RedisCounters:
             finally:
                 self._writing = set()
 
-    async def acquire(
-        self, user_id: str, limits: Limits, reserve: Decimal, free: bool, now: float
-    ) -> tuple[str, list[tuple[bytes, bytes]]]:
+    async def acquire(self, user_id: str, limits: Limits, reserve: int, free: bool, now: float) -> str:
         await self._settled(user_id)
         ticket_id = self._ticket_prefix + str(next(self._tickets))
         key = self._key
@@ -187,8 +175,9 @@ class RedisCounters:
         args = [
             repr(now), _limit(limits.requests_per_minute), _limit(limits.requests_per_hour),
             _limit(limits.max_concurrent), _limit(limits.tokens_per_hour),
-            _limit(limits.daily_budget_usd, True), _limit(limits.monthly_budget_usd, True),
-            to_pico(reserve, ROUND_CEILING), "1" if free else "0", ticket_id, repr(now + self._lease_s),
+            -1 if limits.daily_budget_usd is None else limits.daily_cap_pico,
+            -1 if limits.monthly_budget_usd is None else limits.monthly_cap_pico,
+            reserve, "1" if free else "0", ticket_id, repr(now + self._lease_s),
             int(now // MINUTE_BUCKET_S), int(now // HOUR_BUCKET_S), int(self._lease_s) + 1,
         ]
         try:
@@ -203,9 +192,9 @@ class RedisCounters:
         )
         if refused:
             raise Refusal(refused, snapshot)
-        return ticket_id, success_headers(limits, snapshot, now)
+        return ticket_id
 
-    def finish(self, user_id: str, ticket_id: str, at: float, amount: Decimal, tokens: int, now: float) -> None:
+    def finish(self, user_id: str, ticket_id: str, at: float, amount: int, tokens: int, now: float) -> None:
         in_flight, reservations = self._key(user_id, "f"), self._key(user_id, "r")
 
         def op(pipe: Any) -> None:
@@ -215,19 +204,18 @@ class RedisCounters:
         self._later(user_id, op)  # queued before the spend: both go in the same MULTI
         self.spend(user_id, at, amount, tokens, now)
 
-    def spend(self, user_id: str, at: float, amount: Decimal, tokens: int, now: float) -> None:
+    def spend(self, user_id: str, at: float, amount: int, tokens: int, now: float) -> None:
         if not amount and not tokens:
             return
-        pico = to_pico(amount)
         spend_keys = self._spend_keys(user_id, at)
         tokens_key, bucket = self._key(user_id, "t"), str(int(now // HOUR_BUCKET_S))
 
         def op(pipe: Any) -> None:
-            if pico:
+            if amount:
                 for period, key in zip(PERIODS, spend_keys):
-                    pipe.incrby(key, pico)
+                    pipe.incrby(key, amount)
                     pipe.expire(key, PERIOD_TTL_S[period])
-                pipe.incrby(spend_keys[-1], pico)
+                pipe.incrby(spend_keys[-1], amount)
             if tokens:
                 pipe.hincrby(tokens_key, bucket, tokens)
                 pipe.expire(tokens_key, WINDOW_TTL_S["t"])

@@ -5,7 +5,7 @@ Money is `decimal.Decimal` from parsing to storage to reports; a float never tou
 
 from __future__ import annotations
 
-from decimal import Decimal, InvalidOperation
+from decimal import ROUND_HALF_EVEN, Decimal, InvalidOperation
 from typing import Any
 
 import orjson
@@ -14,6 +14,7 @@ from gateway.config import TierConfig
 
 ZERO = Decimal(0)
 FREE_MODEL_REASON = "free_model"
+PICO = Decimal(10) ** 12
 
 
 def to_decimal(value: Any) -> Decimal | None:
@@ -40,6 +41,20 @@ def markup_for(provider_cost: Decimal, tier_name: str, tier: TierConfig, *, free
 def charged(provider_cost: Decimal, tier: TierConfig, *, free: bool) -> Decimal:
     """What the user pays: provider cost plus markup (what budgets count)."""
     return ZERO if free else provider_cost + provider_cost * tier.markup_pct / 100
+
+
+def to_pico(amount: Decimal, rounding: str = ROUND_HALF_EVEN) -> int:
+    """Whole picodollars (10⁻¹² USD), the unit the limit counters add in.
+
+    Counters add integers (exact, and far cheaper than Decimal on the request path, or atomic
+    in Redis); charges round half-even, reservations round up (`ROUND_CEILING`) so none holds
+    less than its estimate. Records, reports and bills stay exact Decimal."""
+    return int((amount * PICO).to_integral_value(rounding))
+
+
+def from_pico(value: Any) -> Decimal:
+    """Decimal dollars from whole picodollars (an int, or its text as Redis returns it)."""
+    return Decimal(int(value or 0)) / PICO
 
 
 def dumps(payload: Any) -> bytes:

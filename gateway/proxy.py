@@ -96,19 +96,21 @@ class ProxyRequest:
     status: int = 0
     first_byte: float | None = None
     ended: float | None = None
-    charged: Decimal | None = None  # what accounting recorded as the user's charge (set by the Recorder)
+    charged: Decimal | None = None  # what accounting recorded as the user's charge (set by the Recorder) …
+    tokens: int = 0  # … and as its prompt + completion tokens
     extra: dict[str, Any] = field(default_factory=dict)
 
 
 class Ticket(Protocol):
-    """What admission hands back: headers to add, and a release once the outcome is known."""
-
-    headers: list[tuple[bytes, bytes]]
+    """What admission hands back: a release once the outcome is known."""
 
     def release(self, observation: Observation | None) -> None: ...
 
 
 class Admission(Protocol):
+    """Admits a request or raises the refusal. An admission that never waits may also offer
+    `admit_now`, the same as a plain method, and the proxy then calls that (no coroutine)."""
+
     async def admit(self, principal: Principal, request: ProxyRequest) -> Ticket: ...
 
 
@@ -116,8 +118,8 @@ class Recorder(Protocol):
     def record(self, principal: Principal, request: ProxyRequest, observation: Observation) -> None:
         """Called once per forwarded request that reached the upstream; must not block.
 
-        Sets `request.charged` when it records a charge, before the ticket is released (the
-        limits count that very amount against the budgets)."""
+        Sets `request.charged` and `request.tokens` when it records a charge, before the ticket
+        is released (the limits count those very amounts)."""
 
 
 class BodyPreparer(Protocol):
@@ -129,10 +131,7 @@ class BodyPreparer(Protocol):
 
 
 class _Open:
-    __slots__ = ("headers",)
-
-    def __init__(self) -> None:
-        self.headers: list[tuple[bytes, bytes]] = []
+    __slots__ = ()
 
     def release(self, observation: Observation | None) -> None:
         return None
@@ -142,6 +141,9 @@ class OpenAdmission:
     """No limits: used until limits are configured, and in tests of the proxy alone."""
 
     async def admit(self, principal: Principal, request: ProxyRequest) -> Ticket:
+        return _Open()
+
+    def admit_now(self, principal: Principal, request: ProxyRequest) -> Ticket:
         return _Open()
 
 
@@ -196,6 +198,8 @@ class ProxyEndpoint:
         self.max_body_bytes = max_body_bytes
         self.attribution = {k.lower(): v for k, v in attribution.items() if v}
         self.admission = admission or OpenAdmission()
+        self._admit_now: Callable[[Principal, ProxyRequest], Ticket] | None = getattr(
+            self.admission, "admit_now", None)
         self.recorder = recorder or DiscardRecorder()
         self.preparer = preparer or AsSent()
         self.streams = streams if streams is not None else {}
@@ -211,7 +215,7 @@ class ProxyEndpoint:
             return
         observation = Observation()
         try:
-            await self._forward(scope, receive, send, principal, request, ticket, observation)
+            await self._forward(scope, receive, send, principal, request, observation)
         finally:
             ticket.release(observation if request.status else None)
 
@@ -273,8 +277,9 @@ class ProxyEndpoint:
         )
         # The user's defaults fill absent fields before limits see the request (model, max_tokens).
         request.raw = self.preparer.prepare(principal, request)
-        ticket = await self.admission.admit(principal, request)
-        return principal, request, ticket
+        if self._admit_now is not None:
+            return principal, request, self._admit_now(principal, request)
+        return principal, request, await self.admission.admit(principal, request)
 
     # -- forwarding -----------------------------------------------------------
 
@@ -296,7 +301,6 @@ class ProxyEndpoint:
         send: Send,
         principal: Principal,
         request: ProxyRequest,
-        ticket: Ticket,
         observation: Observation,
     ) -> None:
         assert principal.key is not None
@@ -317,7 +321,6 @@ class ProxyEndpoint:
                 out_headers.append((name.encode("latin-1"), value.encode("latin-1")))
             if name == "x-generation-id":
                 generation_id = value
-        out_headers.extend(ticket.headers)
         observation.generation_id = generation_id
         is_sse = any(n == "content-type" and v.startswith("text/event-stream") for n, v in response.headers)
         try:

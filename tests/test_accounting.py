@@ -200,7 +200,8 @@ async def test_record_is_queued_and_seen_at_once_then_written_in_one_batch(store
     requests = [proxy_request(request_id=f"req_{n}") for n in range(50)]
     for n, request in enumerate(requests):
         ledger.record(principal(), request, observation(f"gen-{n}", "0.1"))
-    assert {r.charged for r in requests} == {Decimal("0.115")}  # what the limits will count, set at once
+    # what the limits will count (charge, prompt + completion tokens), set at once
+    assert {(r.charged, r.tokens) for r in requests} == {(Decimal("0.115"), 15)}
     assert await store.usage.count() == 0  # nothing written on the request path
     assert (await ledger.lookup("gen-7")).total_cost == Decimal("0.115")  # type: ignore[union-attr]
     assert await ledger.flush() == 50

@@ -65,8 +65,8 @@ def test_requests_per_minute_refuses_the_third_with_429_and_headers(gateway, emu
     with gateway.client(user["token"]) as client:
         first, second = chat(client, max_tokens=1), chat(client, max_tokens=1)
         assert first.status_code == second.status_code == 200
-        assert first.headers["x-ratelimit-limit"] == "2"
-        assert [first.headers["x-ratelimit-remaining"], second.headers["x-ratelimit-remaining"]] == ["1", "0"]
+        # as OpenRouter does, only a refusal carries X-RateLimit-* (GET /v1/limits has the live numbers)
+        assert not any(name.startswith("x-ratelimit") for name in (*first.headers, *second.headers))
         generations = emulator.stats()["generations"]
         refused = chat(client)
         assert emulator.stats()["generations"] == generations  # nothing forwarded
