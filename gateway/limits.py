@@ -50,6 +50,7 @@ REQUEST_LIMITS = ("requests_per_minute", "requests_per_hour", "max_concurrent")
 BUDGETS = {"daily_budget_usd": "day", "monthly_budget_usd": "month"}
 COMPLETION_CAPS = ("max_tokens", "max_completion_tokens", "max_output_tokens")  # the first valid one counts
 _CAP_NAMES = frozenset(COMPLETION_CAPS)
+SMALL_BODY_BYTES = 4096  # `prompt_tokens_bound` bounds bodies up to this size by their size
 UNLIMITED = 1 << 62  # above any count or amount: a limit that is not set, as the counters' hot path compares it
 
 
@@ -238,6 +239,17 @@ class LimitTicket:
         return amount, prompt + completion
 
 
+class _Plan:
+    """A user's limits, and their tier's quotes (shared by the tier's users), per cached principal."""
+
+    __slots__ = ("principal", "limits", "quotes")
+
+    def __init__(self, principal: Principal, limits: Limits, quotes: dict[int, "Quote"]) -> None:
+        self.principal = principal
+        self.limits = limits
+        self.quotes = quotes
+
+
 class Limiter:
     """The `Admission` the proxy calls; never touches the database on the request path."""
 
@@ -248,8 +260,8 @@ class Limiter:
         self.clock = clock
         self.default_estimate = config.accounting.default_estimate_usd
         self.ledger_attached = False  # then a request's charge is what accounting recorded (`request.charged`)
-        self._limits: dict[str, tuple[Principal, Limits]] = {}
-        self._quotes: dict[tuple[int, str], Quote] = {}  # (id of a catalogue price, tier) → its quote
+        self._plans: dict[str, _Plan] = {}  # user id → their limits and their tier's quotes
+        self._quotes: dict[str, dict[int, Quote]] = {}  # tier → id of a catalogue price → its quote
         self._acquire_now = getattr(counters, "acquire_now", None)
         # Memory counters never wait, so admission needs no coroutine either: the proxy calls
         # `admit_now` when it is there (it is not with Redis).
@@ -257,21 +269,23 @@ class Limiter:
             self._admit_in_memory if self._acquire_now is not None else None)
 
     def limits_of(self, principal: Principal) -> Limits:
-        """The user's limits, computed once per cached principal (a change to the user replaces it)."""
-        cached = self._limits.get(principal.user_id)
-        if cached is not None and cached[0] is principal:
-            return cached[1]
+        return self._plan(principal).limits
+
+    def _plan(self, principal: Principal) -> "_Plan":
+        """The user's limits and quotes, computed once per cached principal (a change to the user replaces it)."""
+        plan = self._plans.get(principal.user_id)
+        if plan is not None and plan.principal is principal:
+            return plan
+        if len(self._plans) > 100_000:
+            self._plans.clear()
         limits = Limits.of(self.config.tier(principal.tier), principal.overrides)
-        if len(self._limits) > 100_000:
-            self._limits.clear()
-        self._limits[principal.user_id] = (principal, limits)
-        return limits
+        plan = self._plans[principal.user_id] = _Plan(principal, limits, self._quotes.setdefault(principal.tier, {}))
+        return plan
 
     async def admit(self, principal: Principal, request: ProxyRequest) -> LimitTicket:
         if self.admit_now is not None:
             return self.admit_now(principal, request)
-        limits = self.limits_of(principal)
-        reserve, free = self._reservation(principal, request, limits)
+        limits, reserve, free = self._terms(principal, request)
         now = self.clock()
         try:
             hold = await self.counters.acquire(principal.user_id, limits, reserve, free, now)
@@ -281,8 +295,7 @@ class Limiter:
 
     def _admit_in_memory(self, principal: Principal, request: ProxyRequest) -> LimitTicket:
         """`admit` over counters that never wait (`acquire_now`): no coroutine per request."""
-        limits = self.limits_of(principal)
-        reserve, free = self._reservation(principal, request, limits)
+        limits, reserve, free = self._terms(principal, request)
         now = self.clock()
         try:
             hold = self._acquire_now(principal.user_id, limits, reserve, free, now)  # type: ignore[misc]
@@ -290,29 +303,46 @@ class Limiter:
             raise refusal(refused.name, limits, refused.snapshot, now) from None
         return LimitTicket(self, principal, request, hold, free)
 
-    def _reservation(self, principal: Principal, request: ProxyRequest, limits: Limits) -> tuple[int, bool]:
-        """What the request holds against the budgets in picodollars (0 when free or unbudgeted), and
-        whether it is free."""
-        body, model = request.body, request.model
+    def _terms(self, principal: Principal, request: ProxyRequest) -> tuple[Limits, int, bool]:
+        """The user's limits, what the request holds against their budgets (picodollars; 0 when it is
+        free or they have no budget), and whether it is free."""
+        plan = self._plans.get(principal.user_id)
+        if plan is None or plan.principal is not principal:
+            plan = self._plan(principal)
+        limits, body, model = plan.limits, request.body, request.model
         price = self.catalog.price(model)  # one catalogue look-up serves "is it free" and the estimate
         free = model is not None and (model.endswith(FREE_SUFFIX) or (price is not None and price.free))
-        fallbacks = _fallback_models(body) if "models" in body else ()
+        if "models" in body:
+            return self._terms_with_fallbacks(plan, request, price, free)
+        if free or not limits.budgeted:
+            return limits, 0, free  # reservations only matter against a budget
+        quote = plan.quotes.get(id(price))
+        if quote is None or quote.price is not price:
+            quote = self._quote(plan, price)
+        return limits, quote.estimate(body, len(request.raw)), False
+
+    def _terms_with_fallbacks(
+        self, plan: "_Plan", request: ProxyRequest, price: ModelPrice | None, free: bool
+    ) -> tuple[Limits, int, bool]:
+        """`_terms` when `models` names fallbacks: free only if all are; the dearest one is reserved."""
+        fallbacks = _fallback_models(request.body)
         if free and fallbacks:
             free = all(self.catalog.is_free(m) for m in fallbacks)
-        if free or not limits.budgeted:
-            return 0, free  # reservations only matter against a budget
-        reserve = self._quote(price, principal.tier).estimate(body)
-        for fallback in fallbacks:
-            reserve = max(reserve, self._quote(self.catalog.price(fallback), principal.tier).estimate(body))
-        return reserve, free
+        if free or not plan.limits.budgeted:
+            return plan.limits, 0, free
+        size = len(request.raw)
+        reserve = max(self._quote(plan, p).estimate(request.body, size)
+                      for p in (price, *(self.catalog.price(m) for m in fallbacks)))
+        return plan.limits, reserve, False
 
-    def _quote(self, price: ModelPrice | None, tier: str) -> "Quote":
-        """The tier's quote for a price, kept per (price object, tier): catalogue refreshes bring new ones."""
-        quote = self._quotes.get((id(price), tier))
+    def _quote(self, plan: "_Plan", price: ModelPrice | None) -> "Quote":
+        """The plan's tier's quote for a price, kept per price object: catalogue refreshes bring new ones."""
+        quotes = plan.quotes
+        quote = quotes.get(id(price))
         if quote is None or quote.price is not price:
-            if len(self._quotes) > 10_000:
-                self._quotes.clear()
-            quote = self._quotes[(id(price), tier)] = Quote(price, self.config.tier(tier), self.default_estimate)
+            if len(quotes) > 10_000:
+                quotes.clear()
+            quote = quotes[id(price)] = Quote(price, self.config.tier(plan.principal.tier), self.default_estimate)
         return quote
 
     # -- the ledger's corrections (accounting.py) ------------------------------
@@ -356,11 +386,19 @@ def _text_chars(value: Any) -> int:
     return 0
 
 
-def prompt_tokens_bound(body: dict[str, Any]) -> int:
+def prompt_tokens_bound(body: dict[str, Any], size: int | None = None) -> int:
     """A generous token count for the prompt: one token per three characters of text.
 
     Tokenizers average about four characters a token in English; three leaves room for
-    code and other scripts. Over-estimating only holds a little more budget in flight."""
+    code and other scripts. Over-estimating only holds a little more budget in flight.
+
+    Given the body's `size` in bytes, a body of at most `SMALL_BODY_BYTES` is bounded by its
+    size instead of walked: every character of its text is at least one byte of it, so the
+    bound is never lower, and at most `SMALL_BODY_BYTES / 3` tokens higher (JSON syntax and
+    roles count too). Larger bodies are walked, so images and other non-text parts do not
+    inflate the hold."""
+    if size is not None and size <= SMALL_BODY_BYTES:
+        return size // 3 + 1
     messages = body.get("messages")
     if type(messages) is list:  # `_message_chars` inline: every request with a budget comes here
         chars = 0
@@ -386,14 +424,14 @@ def completion_tokens_cap(body: dict[str, Any]) -> int | None:
     return None
 
 
-def estimate_cost(price: ModelPrice | None, body: dict[str, Any], default: Decimal) -> Decimal:
+def estimate_cost(price: ModelPrice | None, body: dict[str, Any], default: Decimal, size: int | None = None) -> Decimal:
     """Provider cost bound: prompt at the prompt price plus `max_tokens` at the completion price.
 
     With no price (unknown model, cold catalogue) the configured default stands in; with no
-    `max_tokens` the default stands in for the completion."""
+    `max_tokens` the default stands in for the completion. `size`: see `prompt_tokens_bound`."""
     if price is None:
         return default
-    cost = price.request + prompt_tokens_bound(body) * price.prompt
+    cost = price.request + prompt_tokens_bound(body, size) * price.prompt
     cap = completion_tokens_cap(body)
     return cost + (cap * price.completion if cap is not None else default)
 
@@ -401,9 +439,9 @@ def estimate_cost(price: ModelPrice | None, body: dict[str, Any], default: Decim
 class Quote:
     """A catalogue price as one tier charges it, in whole picodollars: an estimate is integer work.
 
-    Each price is the tier's charge rounded up, so `estimate(body)` is never below
-    `to_pico(charged(estimate_cost(price, body, default), tier), ROUND_CEILING)` and above it by
-    less than a picodollar per token."""
+    Each price is the tier's charge rounded up, so `estimate(body, size)` is never below
+    `to_pico(charged(estimate_cost(price, body, default, size), tier), ROUND_CEILING)` and above
+    it by less than a picodollar per token."""
 
     __slots__ = ("price", "request", "prompt", "completion", "default")
 
@@ -416,11 +454,11 @@ class Quote:
         self.request, self.prompt, self.completion = (
             (charge(price.request), charge(price.prompt), charge(price.completion)) if price else (0, 0, 0))
 
-    def estimate(self, body: dict[str, Any]) -> int:
+    def estimate(self, body: dict[str, Any], size: int | None = None) -> int:
         if self.price is None:
             return self.default
         cap = completion_tokens_cap(body)
-        prompt = prompt_tokens_bound(body) * self.prompt
+        prompt = prompt_tokens_bound(body, size) * self.prompt
         return self.request + prompt + (self.default if cap is None else cap * self.completion)
 
 

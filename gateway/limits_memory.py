@@ -18,14 +18,13 @@ from gateway.limits import (
 from gateway.money import ZERO, from_pico, to_pico
 from gateway.windows import PERIODS, SlidingWindow, period_ids
 
-DAY, WEEK, MONTH = (PERIODS.index(period) for period in ("day", "week", "month"))
-assert len(PERIODS) == 3, "add_spend counts into each period by hand"
+DAY, MONTH = PERIODS.index("day"), PERIODS.index("month")
 assert MINUTE_BUCKET_S == 1 and HOUR_BUCKET_S == 60, "the hot path computes buckets with integer arithmetic"
 
 
 class _UserCounters:
-    __slots__ = ("minute", "hour", "tokens", "inflight", "reserved", "ids", "spend", "counted_from", "counted_until",
-                 "total")
+    __slots__ = ("minute", "hour", "tokens", "inflight", "reserved", "total", "ids", "floor", "counted_from",
+                 "counted_until")
 
     def __init__(self) -> None:
         self.minute = SlidingWindow(MINUTE)
@@ -33,44 +32,41 @@ class _UserCounters:
         self.tokens = SlidingWindow(HOUR)
         self.inflight = 0  # admitted requests not finished yet
         self.reserved = 0  # the reservations they hold (picodollars, as all money here)
-        self.ids = [""] * len(PERIODS)  # per period (`PERIODS` order): the period `spend` counts …
-        self.spend = [0] * len(PERIODS)  # … and the charges made in it
+        self.total = 0  # everything charged
+        # Per period (`PERIODS` order): the period counted, and the part of `total` charged before
+        # it began (or for an earlier one), so its spend is `total - floor[i]` and a charge in the
+        # current periods is one addition to `total`.
+        self.ids = [""] * len(PERIODS)
+        self.floor = [0] * len(PERIODS)
         # `ids` are the current periods from `counted_from` until `counted_until` (one UTC hour:
         # periods change only on the hour), so the hot path tests a time, not the periods
         self.counted_from = self.counted_until = 0.0
-        self.total = 0
 
     def spend_now(self, now: float) -> list[int]:
         """Charged so far in the current day, week and month (a period that is over counts zero)."""
-        if self.counted_from <= now < self.counted_until:
-            return self.spend
-        ids = period_ids(now)
-        for i, current in enumerate(ids):
-            if self.ids[i] < current:  # a new period began: its spend starts at zero
-                self.ids[i], self.spend[i] = current, 0
-        if self.ids == list(ids):
+        total = self.total
+        if not self.counted_from <= now < self.counted_until:
+            ids = period_ids(now)
+            for i, current in enumerate(ids):
+                if self.ids[i] < current:  # a new period began: nothing charged in it yet
+                    self.ids[i], self.floor[i] = current, total
+            if self.ids != list(ids):
+                # the clock is behind a charge already counted: report only what falls in `now`'s periods
+                return [total - floor if held == current else 0
+                        for held, current, floor in zip(self.ids, ids, self.floor)]
             self.counted_from = now // 3600 * 3600
             self.counted_until = self.counted_from + 3600
-            return self.spend
-        # the clock is behind a charge already counted: report only what falls in `now`'s periods
-        return [amount if held == current else 0 for held, current, amount in zip(self.ids, ids, self.spend)]
+        return [total - floor for floor in self.floor]
 
     def add_spend(self, at: float, amount: int) -> None:
-        if self.counted_from <= at < self.counted_until:  # the charge falls in the periods counted now
-            spend = self.spend
-            spend[DAY] += amount
-            spend[WEEK] += amount
-            spend[MONTH] += amount
-            self.total += amount
-            return
-        for i, pid in enumerate(period_ids(at)):
-            held = self.ids[i]
-            if held < pid:
-                self.ids[i], self.spend[i] = pid, amount
-                self.counted_from = self.counted_until = 0.0
-            elif held == pid:
-                self.spend[i] += amount
-            # a charge for a period already over changes nothing that is still counted
+        if not self.counted_from <= at < self.counted_until:  # else it falls in the periods counted now
+            for i, pid in enumerate(period_ids(at)):
+                held = self.ids[i]
+                if held < pid:  # the charge opens period i
+                    self.ids[i], self.floor[i] = pid, self.total
+                    self.counted_from = self.counted_until = 0.0
+                elif held > pid:  # a charge for a period already over: not in the one counted
+                    self.floor[i] += amount
         self.total += amount
 
     def snapshot(self, now: float) -> Snapshot:
@@ -119,9 +115,13 @@ class MemoryCounters:
         refused = (in_minute >= limits.rpm_cap or in_hour >= limits.rph_cap or user.inflight >= limits.concurrent_cap
                    or tokens.total >= limits.tokens_cap)
         if not refused and limits.budgeted and not free:
-            spend = user.spend if user.counted_from <= now < user.counted_until else user.spend_now(now)
-            reserved = user.reserved
-            refused = spend[DAY] + reserved >= limits.daily_cap_pico or spend[MONTH] + reserved >= limits.monthly_cap_pico
+            if user.counted_from <= now < user.counted_until:
+                committed, floor = user.total + user.reserved, user.floor
+                day, month = committed - floor[DAY], committed - floor[MONTH]
+            else:
+                spend = user.spend_now(now)
+                day, month = spend[DAY] + user.reserved, spend[MONTH] + user.reserved
+            refused = day >= limits.daily_cap_pico or month >= limits.monthly_cap_pico
         if refused:
             snapshot = user.snapshot(now)
             name = first_refusal(limits, snapshot, free=free)
@@ -142,7 +142,10 @@ class MemoryCounters:
         user.inflight -= 1
         user.reserved -= hold
         if amount:
-            user.add_spend(at, amount)
+            if user.counted_from <= at < user.counted_until:  # `add_spend`'s first step
+                user.total += amount
+            else:
+                user.add_spend(at, amount)
         if tokens:  # `tokens.add(now, tokens)` in place
             window = user.tokens
             bucket = int(now) // 60
@@ -165,13 +168,13 @@ class MemoryCounters:
 
     async def seed(self, spend: dict[str, dict[str, Decimal]], now: float) -> None:
         ids = period_ids(now)
+        for user_id, amount in spend.get("all", {}).items():
+            self._user(user_id).total = to_pico(amount)
         for i, period in enumerate(PERIODS):
             for user_id, amount in spend.get(period, {}).items():
                 user = self._user(user_id)
-                user.ids[i], user.spend[i] = ids[i], to_pico(amount)
+                user.ids[i], user.floor[i] = ids[i], user.total - to_pico(amount)
                 user.counted_from = user.counted_until = 0.0
-        for user_id, amount in spend.get("all", {}).items():
-            self._user(user_id).total = to_pico(amount)
 
     async def close(self) -> None:
         return None
