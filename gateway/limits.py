@@ -219,8 +219,8 @@ class LimitTicket:
         request = self._request
         try:
             if limiter.ledger_attached:
-                amount = request.charged
-                amount, tokens = (to_pico(amount) if amount else 0), request.tokens
+                amount, tokens = request.charged, request.tokens
+                amount = to_pico(amount) if amount else 0
             else:
                 amount, tokens = self._from_usage(limiter, observation)
             limiter.counters.finish(

@@ -23,13 +23,19 @@ assert MINUTE_BUCKET_S == 1 and HOUR_BUCKET_S == 60, "the hot path computes buck
 
 
 class _UserCounters:
-    __slots__ = ("minute", "hour", "tokens", "inflight", "reserved", "total", "ids", "floor", "counted_from",
-                 "counted_until")
+    __slots__ = ("minute", "hour", "tokens", "second", "admitted", "used_tokens", "inflight", "reserved", "total", "ids",
+                 "floor", "counted_from", "counted_until")
 
     def __init__(self) -> None:
         self.minute = SlidingWindow(MINUTE)
         self.hour = SlidingWindow(HOUR)
         self.tokens = SlidingWindow(HOUR)
+        # The admissions of the current `second`, and the tokens reported in it, wait in `admitted`
+        # and `used_tokens` and join the windows as the next second begins (`settle`): one addition
+        # per request on the hot path.
+        self.second = -1
+        self.admitted = 0
+        self.used_tokens = 0
         self.inflight = 0  # admitted requests not finished yet
         self.reserved = 0  # the reservations they hold (picodollars, as all money here)
         self.total = 0  # everything charged
@@ -69,7 +75,22 @@ class _UserCounters:
                     self.floor[i] += amount
         self.total += amount
 
+    def settle(self, now: float) -> None:
+        """Count `second`'s admissions and tokens into the windows, then move every window to `now`."""
+        if self.admitted:
+            self.minute.bump(self.second, self.admitted)
+            self.hour.bump(self.second // 60, self.admitted)
+            self.admitted = 0
+        if self.used_tokens:
+            self.tokens.bump(self.second // 60, self.used_tokens)
+            self.used_tokens = 0
+        self.second = int(now)
+        self.minute.advance(now)
+        self.hour.advance(now)
+        self.tokens.advance(now)
+
     def snapshot(self, now: float) -> Snapshot:
+        self.settle(now)
         spend = {period: from_pico(amount) for period, amount in zip(PERIODS, self.spend_now(now))}
         spend["all"] = from_pico(self.total)
         return Snapshot(
@@ -100,20 +121,13 @@ class MemoryCounters:
 
         It runs for every request, so it decides on the live counters in place with `Limits`'
         int caps (a test holds it to `first_refusal`'s answers), builds a `Snapshot` only to
-        name and explain a refusal, and counts the request straight into the windows."""
+        name and explain a refusal, and counts the request in `admitted` (see `settle`)."""
         user = self._users.get(user_id) or self._user(user_id)
-        minute, hour, tokens = user.minute, user.hour, user.tokens
-        second = int(now)  # the minute window's bucket (1 s); the hour and token windows' is the minute
-        bucket = second // 60
-        if second != minute.current:
-            minute.advance(now)
-        if bucket != hour.current:
-            hour.advance(now)
-        if bucket != tokens.current:
-            tokens.advance(now)
-        in_minute, in_hour = minute.total, hour.total
-        refused = (in_minute >= limits.rpm_cap or in_hour >= limits.rph_cap or user.inflight >= limits.concurrent_cap
-                   or tokens.total >= limits.tokens_cap)
+        if int(now) != user.second:
+            user.settle(now)  # once a second per user
+        admitted = user.admitted
+        refused = (user.minute.total + admitted >= limits.rpm_cap or user.hour.total + admitted >= limits.rph_cap
+                   or user.inflight >= limits.concurrent_cap or user.tokens.total + user.used_tokens >= limits.tokens_cap)
         if not refused and limits.budgeted and not free:
             if user.counted_from <= now < user.counted_until:
                 committed, floor = user.total + user.reserved, user.floor
@@ -127,12 +141,7 @@ class MemoryCounters:
             name = first_refusal(limits, snapshot, free=free)
             assert name is not None, "acquire_now and first_refusal disagree"
             raise Refusal(name, snapshot)
-        counts = minute.counts
-        counts[second] = counts.get(second, 0) + 1
-        minute.total = in_minute + 1
-        counts = hour.counts
-        counts[bucket] = counts.get(bucket, 0) + 1
-        hour.total = in_hour + 1
+        user.admitted = admitted + 1
         user.inflight += 1
         user.reserved += reserve
         return reserve  # the hold is the reservation itself
@@ -146,21 +155,18 @@ class MemoryCounters:
                 user.total += amount
             else:
                 user.add_spend(at, amount)
-        if tokens:  # `tokens.add(now, tokens)` in place
-            window = user.tokens
-            bucket = int(now) // 60
-            if bucket != window.current:
-                window.advance(now)
-            counts = window.counts
-            counts[bucket] = counts.get(bucket, 0) + tokens
-            window.total += tokens
+        if tokens:
+            if int(now) != user.second:
+                user.settle(now)
+            user.used_tokens += tokens
 
     def spend(self, user_id: str, at: float, amount: int, tokens: int, now: float) -> None:
         user = self._users.get(user_id) or self._user(user_id)
         if amount:
             user.add_spend(at, amount)
         if tokens:
-            user.tokens.add(now, tokens)
+            user.settle(now)
+            user.used_tokens += tokens
 
     async def snapshot(self, user_id: str, now: float) -> Snapshot:
         user = self._users.get(user_id)

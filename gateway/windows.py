@@ -27,8 +27,7 @@ class SlidingWindow:
     """
 
     __slots__ = ("span_s", "bucket_s", "counts", "current", "total")
-    # A hot path may count into `counts[current]` and `total` itself once `current` is the
-    # bucket of now (as `advance` leaves it): that is all `bump` does.
+    # A hot path may count into `counts` and `total` itself: that is all `bump` does.
 
     def __init__(self, span_s: float) -> None:
         self.span_s = span_s
@@ -55,10 +54,10 @@ class SlidingWindow:
     def add(self, now: float, amount: int = 1) -> None:
         self.bump(self.advance(now), amount)
 
-    def bump(self, current: int, amount: int = 1) -> None:
-        """Count into the current bucket, as `advance` returned it (the hot path's one-step `add`)."""
+    def bump(self, bucket: int, amount: int = 1) -> None:
+        """Count into a bucket that is in the window (as `advance` returns the current one)."""
         buckets = self.counts
-        buckets[current] = buckets.get(current, 0) + amount
+        buckets[bucket] = buckets.get(bucket, 0) + amount
         self.total += amount
 
     def oldest(self) -> int:

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import copy
 import random
 from datetime import datetime, timezone
 from decimal import Decimal
 from typing import Any, AsyncIterator
 
+import orjson
 import pytest
 from conftest import redis_url_or_skip
 
@@ -17,7 +20,8 @@ from gateway.config import Config
 from gateway.errors import PaymentRequired, RateLimited
 from gateway.money import PICO, charged, to_pico
 from gateway.limits import (
-    Limiter, Limits, Quote, Refusal, completion_tokens_cap, estimate_cost, first_refusal, prompt_tokens_bound,
+    SMALL_BODY_BYTES, Limiter, Limits, Quote, Refusal, completion_tokens_cap, estimate_cost, first_refusal,
+    prompt_tokens_bound,
 )
 from gateway.limits_memory import MemoryCounters
 from gateway.limits_redis import RedisCounters
@@ -416,27 +420,31 @@ def _random_limits(rng: random.Random) -> Limits:
 
 def test_the_memory_fast_path_refuses_exactly_as_first_refusal() -> None:
     """`MemoryCounters.acquire_now` (written out for speed) and `first_refusal` (a snapshot; Redis's
-    rules) agree on random counters, limits and clocks crossing minute, hour and day edges; a
-    refusal changes nothing and an admission counts exactly one request."""
+    rules) agree on random counters, limits and clocks crossing second, minute, hour and day
+    edges, with admissions and tokens of the current second still waiting to join the windows;
+    a refusal changes nothing and an admission counts exactly one request."""
     rng = random.Random(5)
-    for _ in range(300):
+    for _ in range(400):
         counters, now = MemoryCounters(), T0 + rng.uniform(-90_000, 90_000)
         user = counters._user("u")
-        for _ in range(rng.randint(0, 25)):
-            now += rng.choice((0.2, 1.5, 20.0, 700.0, 3000.0))
+        for _ in range(rng.randint(0, 30)):
+            now += rng.choice((0.0, 0.2, 0.2, 1.5, 20.0, 700.0, 3000.0))
             step = rng.random()
-            if step < 0.4:
+            if step < 0.2:
                 user.minute.add(now)
                 user.hour.add(now)
+            elif step < 0.45:  # admitted in this second: waits in `admitted`
+                with contextlib.suppress(Refusal):
+                    counters.acquire_now("u", _random_limits(rng), rng.randint(0, 200) * 10**10, False, now)
             elif step < 0.6:
                 user.add_spend(now - rng.choice((0, 0, 5000)), rng.randint(1, 300) * 10**10)  # $0.01–3
-            elif step < 0.8:
-                user.tokens.add(now, rng.randint(1, 9))
+            elif step < 0.8:  # tokens reported in this second: wait in `used_tokens`
+                counters.spend("u", now, 0, rng.randint(1, 9), now)
             else:
                 user.inflight += 1
                 user.reserved += rng.randint(0, 200) * 10**10
             limits, free = _random_limits(rng), rng.random() < 0.2
-            before = user.snapshot(now)
+            before = copy.deepcopy(user).snapshot(now)  # a copy: a snapshot settles what waits
             expected = first_refusal(limits, before, free=free)
             try:
                 counters.acquire_now("u", limits, 25 * 10**10, free, now)
@@ -446,6 +454,7 @@ def test_the_memory_fast_path_refuses_exactly_as_first_refusal() -> None:
                 assert expected is None
                 after = user.snapshot(now)
                 assert sum(after.minute.values()) == sum(before.minute.values()) + 1
+                assert sum(after.hour.values()) == sum(before.hour.values()) + 1
                 assert after.inflight == before.inflight + 1
 
 
@@ -487,3 +496,21 @@ def test_prompt_bound_reads_every_shape_of_prompt() -> None:
     assert prompt_tokens_bound({"messages": ["abcdef", {"text": "gh", "content": "i"}, None, 7]}) == 4
     assert prompt_tokens_bound({"prompt": ["abc", "def"], "input": "ghi"}) == 4
     assert prompt_tokens_bound({"messages": "abcdef"}) == 3 and prompt_tokens_bound({}) == 1
+
+
+def test_a_small_body_is_bounded_by_its_size_and_a_large_one_by_its_text() -> None:
+    """Up to `SMALL_BODY_BYTES` the prompt bound is the body's size / 3, never below the text's
+    (every character is at least one byte of the body); above it the text is walked, so an
+    image's base64 does not inflate the reservation."""
+    for text in ("hi", "héllo wörld ✓ 日本語", "x" * 4000, "x" * 5000):
+        body = {"model": "m", "messages": [{"role": "user", "content": text}]}
+        size = len(orjson.dumps(body))
+        bound = prompt_tokens_bound(body, size)
+        if size <= SMALL_BODY_BYTES:
+            assert bound == size // 3 + 1 >= prompt_tokens_bound(body)
+        else:
+            assert bound == prompt_tokens_bound(body) == 5000 // 3 + 1
+    image = {"messages": [{"role": "user", "content": [
+        {"type": "text", "text": "what is this?"}, {"type": "image_url", "image_url": {"url": "data:," + "A" * 99_999}}]}]}
+    size = len(orjson.dumps(image))
+    assert size > SMALL_BODY_BYTES and prompt_tokens_bound(image, size) == prompt_tokens_bound(image) == 13 // 3 + 1
