@@ -58,12 +58,15 @@ class Settings:
     chunk_delay_ms: float  # upstream pause between chunks during that test, so streams overlap
     warm_requests: int = 20  # of each kind before measuring a target
     concurrencies: tuple[int, ...] = (1, 32)
-    pair_rounds: int = 6  # alternating runs per side when pricing a service
+    # Pricing a service: alternating runs per side, each this long. Many short rounds: the verdict is
+    # their median, and a burst from another tenant of the box spoils one round, not the answer.
+    pair_rounds: int = 10
+    pair_duration: float = 3
 
 
 FULL = Settings(duration=5, warmup=1, chunks=200, concurrent_streams=1000, concurrent_chunks=200, chunk_delay_ms=50)
 QUICK = Settings(duration=1.0, warmup=0, chunks=20, concurrent_streams=50, concurrent_chunks=20, chunk_delay_ms=5,
-               warm_requests=5, pair_rounds=1)
+               warm_requests=5, pair_rounds=1, pair_duration=1)
 PRICED = ("limits", "accounting")  # services the bench prices by leaving them out
 
 
@@ -203,7 +206,9 @@ class Bench:
         of the CPU-per-request ratio (single runs move ±5% on a shared 2-core box).
 
         The side not under load is paused (SIGSTOP) meanwhile: idle, it would settle its backlog
-        at full speed on the same core. Each keeps its backlog, as a gateway under load does."""
+        at full speed on the same core. Each keeps its backlog, as a gateway under load does. CPU
+        is counted over each measured run only (the load generator reads the server's CPU around
+        it); both sides were warmed once, so runs need no warm-up of their own."""
         s = self.settings
         sides: dict[str, dict[str, Any]] = {}
         with tempfile.TemporaryDirectory(prefix="bench-with-") as with_dir, \
@@ -223,12 +228,12 @@ class Bench:
                         server, token = servers[side]
                         other = servers["without" if side == "with" else "with"][0]
                         other.pause()  # its paced backlog of look-ups would otherwise take the core
-                        try:
-                            cpu_before = server.cpu_s()
+                        try:  # CPU of the measured window only: not the warm-up, not the load's start-up
                             result, _ = self.load({"kind": self.generator, "token": token, "concurrency": 32,
                                                    "url": server.url + "/v1" + load.CHAT_PATH, "body": body,
-                                                   "duration": s.duration, "warmup": s.warmup})
-                            cpu = server.cpu_s() - cpu_before
+                                                   "duration": s.pair_duration, "warmup": 0,
+                                                   "cpu_pid": server.process.pid})
+                            cpu = result["server_cpu_s"]
                         finally:
                             other.resume()
                         sides[side]["cpu_s"] += cpu

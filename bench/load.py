@@ -52,9 +52,22 @@ def _ms(value: float | None) -> float | None:
 # ---------------------------------------------------------------- Python throughput
 
 
+def process_cpu_s(pid: int) -> float:
+    """User + system CPU seconds process `pid` has used so far."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _cpu_now(pid: int | None) -> float:
+    return process_cpu_s(pid) if pid is not None else 0.0
+
+
 async def python_throughput(url: str, token: str, body: bytes, concurrency: int, duration: float,
-                            warmup: float) -> dict[str, Any]:
-    """Closed loop: `concurrency` clients send back to back; only requests ending in the window count."""
+                            warmup: float, cpu_pid: int | None = None) -> dict[str, Any]:
+    """Closed loop: `concurrency` clients send back to back; only requests ending in the window count.
+
+    With `cpu_pid`, also the CPU that process used in the window (`server_cpu_s`)."""
     import aiohttp
 
     headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
@@ -83,16 +96,16 @@ async def python_throughput(url: str, token: str, body: bytes, concurrency: int,
         tasks = [asyncio.create_task(client()) for _ in range(concurrency)]
         await asyncio.sleep(warmup)
         window["recording"] = True
-        began = time.perf_counter()
+        began, cpu_began = time.perf_counter(), _cpu_now(cpu_pid)
         await asyncio.sleep(duration)
         window["recording"] = False
-        elapsed = time.perf_counter() - began
+        elapsed, cpu = time.perf_counter() - began, _cpu_now(cpu_pid) - cpu_began
         window["stop"] = True
         await asyncio.gather(*tasks, return_exceptions=True)
     latencies.sort()
     return {"generator": "python", "requests": len(latencies), "errors": errors, "seconds": round(elapsed, 3),
             "rps": round(len(latencies) / elapsed, 1), "p50_ms": _ms(percentile(latencies, 50)),
-            "p99_ms": _ms(percentile(latencies, 99))}
+            "p99_ms": _ms(percentile(latencies, 99)), "server_cpu_s": cpu}
 
 
 # ---------------------------------------------------------------- wrk
@@ -118,8 +131,10 @@ def wrk_available() -> bool:
 
 
 def wrk_throughput(url: str, token: str, body: bytes, concurrency: int, duration: float,
-                   warmup: float) -> dict[str, Any]:
-    """One wrk thread (the servers need the cores more); a separate warm-up run is discarded."""
+                   warmup: float, cpu_pid: int | None = None) -> dict[str, Any]:
+    """One wrk thread (the servers need the cores more); a separate warm-up run is discarded.
+
+    With `cpu_pid`, also the CPU that process used during the measured run (`server_cpu_s`)."""
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
         script.write(_WRK_SCRIPT % {"body": body.decode(), "token": token})
     try:
@@ -134,13 +149,16 @@ def wrk_throughput(url: str, token: str, body: bytes, concurrency: int, duration
 
         if warmup > 0:
             run(warmup)
+        cpu_began = _cpu_now(cpu_pid)
         result = run(duration)
+        cpu = _cpu_now(cpu_pid) - cpu_began
     finally:
         os.unlink(script.name)
     seconds = result["duration_us"] / 1e6
     ok = result["requests"] - result["errors"]
     return {"generator": "wrk", "requests": ok, "errors": result["errors"], "seconds": round(seconds, 3),
-            "rps": round(ok / seconds, 1), "p50_ms": result["p50_us"] / 1000, "p99_ms": result["p99_us"] / 1000}
+            "rps": round(ok / seconds, 1), "p50_ms": result["p50_us"] / 1000, "p99_ms": result["p99_us"] / 1000,
+            "server_cpu_s": cpu}
 
 
 # ---------------------------------------------------------------- streams
@@ -241,7 +259,7 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
     kind = spec["kind"]
     if kind == "wrk":
         return wrk_throughput(spec["url"], spec["token"], spec["body"].encode(), spec["concurrency"],
-                              spec["duration"], spec["warmup"])
+                              spec["duration"], spec["warmup"], spec.get("cpu_pid"))
     try:
         import uvloop
 
@@ -250,7 +268,8 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
         pass
     if kind == "python":
         return asyncio.run(python_throughput(spec["url"], spec["token"], spec["body"].encode(),
-                                             spec["concurrency"], spec["duration"], spec["warmup"]))
+                                             spec["concurrency"], spec["duration"], spec["warmup"],
+                                             spec.get("cpu_pid")))
     if kind == "streams":
         return asyncio.run(python_streams(
             spec["url"], spec["token"], concurrency=spec["concurrency"], chunks=spec["chunks"], seed=spec["seed"],

@@ -77,12 +77,6 @@ class Server:
     def resume(self) -> None:
         self.process.send_signal(signal.SIGCONT)
 
-    def cpu_s(self) -> float:
-        """User + system CPU seconds the server process has used so far."""
-        with open(f"/proc/{self.process.pid}/stat") as stat:
-            fields = stat.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
     def rss_kb(self) -> int:
         """VmRSS of the server process (uvicorn with one worker serves in this very process)."""
         with open(f"/proc/{self.process.pid}/status") as status:

@@ -400,7 +400,7 @@ def prompt_tokens_bound(body: dict[str, Any], size: int | None = None) -> int:
     if size is not None and size <= SMALL_BODY_BYTES:
         return size // 3 + 1
     messages = body.get("messages")
-    if type(messages) is list:  # `_message_chars` inline: every request with a budget comes here
+    if type(messages) is list:  # the usual shape (string contents) on a short path
         chars = 0
         for message in messages:
             content = message.get("content") if type(message) is dict else None
