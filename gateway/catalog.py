@@ -140,7 +140,9 @@ class Catalog:
         self._clock = clock
         self._fetch_timeout_s = fetch_timeout_s
         self._snapshot: Snapshot | None = None
-        self._fresh_until = 0.0  # while the clock is before this, the snapshot is fresh (price()'s quick test)
+        # While the clock is before this the snapshot is fresh and stays as it is: what `price` answers
+        # may be kept until then (the limiter does, per user).
+        self.fresh_until = 0.0
         self._refreshing: asyncio.Task[Snapshot] | None = None
         self._failures = 0
         self._retry_at = 0.0
@@ -152,7 +154,7 @@ class Catalog:
         return self._snapshot
 
     def _fresh(self) -> bool:
-        return self._clock() < self._fresh_until
+        return self._clock() < self.fresh_until
 
     def _backing_off(self) -> bool:
         return self._failures > 0 and self._clock() < self._retry_at
@@ -198,7 +200,7 @@ class Catalog:
             return self._failed(str(exc) or type(exc).__name__)
         self._failures = 0
         self._snapshot = build_snapshot(body["data"], self._clock())
-        self._fresh_until = self._snapshot.fetched_at + self._ttl_s
+        self.fresh_until = self._snapshot.fetched_at + self._ttl_s
         return self._snapshot
 
     def _failed(self, error: str) -> Snapshot:
@@ -210,14 +212,14 @@ class Catalog:
         if self._snapshot is None:
             raise CatalogUnavailable(f"the model catalogue is unavailable: {error}") from None
         old = self._snapshot
-        self._fresh_until = 0.0
+        self.fresh_until = 0.0
         self._snapshot = Snapshot(old.models, old.prices, old.fetched_at, stale=True, error=error, free=old.free,
                                   _views=old._views)
         return self._snapshot
 
     def price(self, model: str | None) -> ModelPrice | None:
         """The model's price if known now; never waits (warms the cache instead). On the hot path."""
-        if self._clock() >= self._fresh_until:
+        if self._clock() >= self.fresh_until:
             self.warm()
         snapshot = self._snapshot
         if model is None or snapshot is None:

@@ -22,6 +22,7 @@ charge accounting recorded) and from the ledger's corrections once costs settle.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from dataclasses import dataclass, field, fields
@@ -30,7 +31,7 @@ from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 from gateway.accounting import usage_tokens
 from gateway.auth import Principal
-from gateway.catalog import FREE_SUFFIX, ModelPrice
+from gateway.catalog import ModelPrice, is_free_model
 from gateway.clock import Clock, iso, system_clock
 from gateway.config import Config, TierConfig
 from gateway.errors import PaymentRequired, RateLimited
@@ -133,7 +134,7 @@ def first_refusal(limits: Limits, snapshot: Snapshot, *, free: bool) -> str | No
     """The name of the first limit (in check order) that refuses one more request, or None.
 
     The Redis Lua script (`limits_redis.ADMIT`) and the memory backend's hot path
-    (`limits_memory.MemoryCounters.acquire_now`) apply exactly these rules. Budgets compare
+    (`limits_memory._UserCounters.acquire`) apply exactly these rules. Budgets compare
     in whole picodollars, as both backends count money.
     """
     for name in (*REQUEST_LIMITS, "tokens_per_hour"):
@@ -180,7 +181,8 @@ class Counters(Protocol):
         """Atomically: count the request and hold its reservation, or raise `Refusal`.
 
         Returns the hold: what `finish` needs to let go of it. A backend that never waits may also
-        offer the same as a plain method, `acquire_now`, which the limiter then calls instead."""
+        offer `user(user_id)`: that user's counters with `acquire` and `finish` as plain methods
+        (the same without the user id), which the limiter then keeps on the user's plan."""
 
     def finish(self, user_id: str, hold: Any, at: float, amount: int, tokens: int, now: float) -> None:
         """The request is over: it no longer counts as in flight, its reservation is dropped, and
@@ -200,11 +202,11 @@ class Counters(Protocol):
 class LimitTicket:
     """An admitted request's hold on its limits, let go of once (`release`)."""
 
-    __slots__ = ("_limiter", "_principal", "_request", "_hold", "_free")
+    __slots__ = ("_limiter", "_plan", "_request", "_hold", "_free")
 
-    def __init__(self, limiter: "Limiter", principal: Principal, request: ProxyRequest, hold: Any, free: bool) -> None:
+    def __init__(self, limiter: "Limiter", plan: "_Plan", request: ProxyRequest, hold: Any, free: bool) -> None:
         self._limiter: Limiter | None = limiter  # None once released
-        self._principal = principal
+        self._plan = plan
         self._request = request
         self._hold = hold
         self._free = free
@@ -223,10 +225,9 @@ class LimitTicket:
                 amount = to_pico(amount) if amount else 0
             else:
                 amount, tokens = self._from_usage(limiter, observation)
-            limiter.counters.finish(
-                self._principal.user_id, self._hold, request.started, amount, tokens, request.ended or request.started)
+            self._plan.finish(self._hold, request.started, amount, tokens, request.ended or request.started)
         except Exception:
-            log.exception("releasing the limits of user %s failed", self._principal.user_id)
+            log.exception("releasing the limits of user %s failed", self._plan.principal.user_id)
 
     def _from_usage(self, limiter: "Limiter", observation: Observation | None) -> tuple[int, int]:
         """(charge in picodollars, tokens) from the response's usage, when no ledger records them."""
@@ -235,19 +236,30 @@ class LimitTicket:
             return 0, 0
         prompt, completion = usage_tokens(usage)[:2]
         cost = to_decimal(usage.get("cost")) or ZERO
-        amount = to_pico(charged(cost, limiter.config.tier(self._principal.tier), free=self._free)) if cost > 0 else 0
+        tier = limiter.config.tier(self._plan.principal.tier)
+        amount = to_pico(charged(cost, tier, free=self._free)) if cost > 0 else 0
         return amount, prompt + completion
 
 
 class _Plan:
-    """A user's limits, and their tier's quotes (shared by the tier's users), per cached principal."""
+    """What admission needs of one user, built once per cached principal (a change to the user
+    replaces it): their limits, their tier's quotes, their counters' `acquire` and `finish` (plain
+    methods where the backend never waits), and what their last model costs while the catalogue
+    stays fresh (users mostly repeat their model)."""
 
-    __slots__ = ("principal", "limits", "quotes")
+    __slots__ = ("principal", "limits", "quotes", "acquire", "finish", "model", "model_until", "free", "quote")
 
-    def __init__(self, principal: Principal, limits: Limits, quotes: dict[int, "Quote"]) -> None:
+    def __init__(self, principal: Principal, limits: Limits, quotes: dict[int, "Quote"],
+                 acquire: Callable[..., Any] | None, finish: Callable[..., None]) -> None:
         self.principal = principal
         self.limits = limits
         self.quotes = quotes
+        self.acquire = acquire
+        self.finish = finish
+        self.model: str | None = None  # the last model priced, …
+        self.model_until = -math.inf  # … until when that holds (the catalogue's `fresh_until`), …
+        self.free = False  # … whether it is free …
+        self.quote: Quote | None = None  # … and its quote
 
 
 class Limiter:
@@ -260,82 +272,94 @@ class Limiter:
         self.clock = clock
         self.default_estimate = config.accounting.default_estimate_usd
         self.ledger_attached = False  # then a request's charge is what accounting recorded (`request.charged`)
-        self._plans: dict[str, _Plan] = {}  # user id → their limits and their tier's quotes
+        self._plans: dict[str, _Plan] = {}  # user id → their plan
         self._quotes: dict[str, dict[int, Quote]] = {}  # tier → id of a catalogue price → its quote
-        self._acquire_now = getattr(counters, "acquire_now", None)
+        self._user_counters = getattr(counters, "user", None)
         # Memory counters never wait, so admission needs no coroutine either: the proxy calls
         # `admit_now` when it is there (it is not with Redis).
         self.admit_now: Callable[[Principal, ProxyRequest], LimitTicket] | None = (
-            self._admit_in_memory if self._acquire_now is not None else None)
+            self._admit_in_memory if self._user_counters is not None else None)
 
     def limits_of(self, principal: Principal) -> Limits:
         return self._plan(principal).limits
 
-    def _plan(self, principal: Principal) -> "_Plan":
-        """The user's limits and quotes, computed once per cached principal (a change to the user replaces it)."""
+    def _plan(self, principal: Principal) -> _Plan:
         plan = self._plans.get(principal.user_id)
         if plan is not None and plan.principal is principal:
             return plan
         if len(self._plans) > 100_000:
             self._plans.clear()
+        user_id = principal.user_id
         limits = Limits.of(self.config.tier(principal.tier), principal.overrides)
-        plan = self._plans[principal.user_id] = _Plan(principal, limits, self._quotes.setdefault(principal.tier, {}))
+        quotes = self._quotes.setdefault(principal.tier, {})
+        if self._user_counters is not None:
+            user = self._user_counters(user_id)
+            plan = _Plan(principal, limits, quotes, user.acquire, user.finish)
+        else:
+            plan = _Plan(principal, limits, quotes, None, functools.partial(self.counters.finish, user_id))
+        self._plans[user_id] = plan
         return plan
 
     async def admit(self, principal: Principal, request: ProxyRequest) -> LimitTicket:
         if self.admit_now is not None:
             return self.admit_now(principal, request)
-        limits, reserve, free = self._terms(principal, request)
+        plan = self._plan(principal)
         now = self.clock()
+        reserve, free = self._reservation(plan, request, now)
         try:
-            hold = await self.counters.acquire(principal.user_id, limits, reserve, free, now)
+            hold = await self.counters.acquire(principal.user_id, plan.limits, reserve, free, now)
         except Refusal as refused:
-            raise refusal(refused.name, limits, refused.snapshot, now) from None
-        return LimitTicket(self, principal, request, hold, free)
+            raise refusal(refused.name, plan.limits, refused.snapshot, now) from None
+        return LimitTicket(self, plan, request, hold, free)
 
     def _admit_in_memory(self, principal: Principal, request: ProxyRequest) -> LimitTicket:
-        """`admit` over counters that never wait (`acquire_now`): no coroutine per request."""
-        limits, reserve, free = self._terms(principal, request)
-        now = self.clock()
-        try:
-            hold = self._acquire_now(principal.user_id, limits, reserve, free, now)  # type: ignore[misc]
-        except Refusal as refused:
-            raise refusal(refused.name, limits, refused.snapshot, now) from None
-        return LimitTicket(self, principal, request, hold, free)
-
-    def _terms(self, principal: Principal, request: ProxyRequest) -> tuple[Limits, int, bool]:
-        """The user's limits, what the request holds against their budgets (picodollars; 0 when it is
-        free or they have no budget), and whether it is free."""
+        """`admit` over counters that never wait: no coroutine, no look-up of the user's counters."""
         plan = self._plans.get(principal.user_id)
         if plan is None or plan.principal is not principal:
             plan = self._plan(principal)
-        limits, body, model = plan.limits, request.body, request.model
-        price = self.catalog.price(model)  # one catalogue look-up serves "is it free" and the estimate
-        free = model is not None and (model.endswith(FREE_SUFFIX) or (price is not None and price.free))
-        if "models" in body:
-            return self._terms_with_fallbacks(plan, request, price, free)
-        if free or not limits.budgeted:
-            return limits, 0, free  # reservations only matter against a budget
-        quote = plan.quotes.get(id(price))
-        if quote is None or quote.price is not price:
-            quote = self._quote(plan, price)
-        return limits, quote.estimate(body, len(request.raw)), False
+        now = self.clock()
+        reserve, free = self._reservation(plan, request, now)
+        try:
+            hold = plan.acquire(plan.limits, reserve, free, now)  # type: ignore[misc]
+        except Refusal as refused:
+            raise refusal(refused.name, plan.limits, refused.snapshot, now) from None
+        return LimitTicket(self, plan, request, hold, free)
 
-    def _terms_with_fallbacks(
-        self, plan: "_Plan", request: ProxyRequest, price: ModelPrice | None, free: bool
-    ) -> tuple[Limits, int, bool]:
-        """`_terms` when `models` names fallbacks: free only if all are; the dearest one is reserved."""
-        fallbacks = _fallback_models(request.body)
+    def _reservation(self, plan: _Plan, request: ProxyRequest, now: float) -> tuple[int, bool]:
+        """What the request holds against the user's budgets (picodollars; 0 when it is free or they
+        have none), and whether it is free."""
+        body = request.body
+        if request.model != plan.model or now >= plan.model_until or "models" in body:
+            if "models" in body:
+                return self._reservation_with_fallbacks(plan, request)
+            self._price_model(plan, request.model)
+        if plan.free or not plan.limits.budgeted:
+            return 0, plan.free  # reservations only matter against a budget
+        return plan.quote.estimate(body, len(request.raw)), False  # type: ignore[union-attr]
+
+    def _price_model(self, plan: _Plan, model: str | None) -> None:
+        """Look the model up in the catalogue; the plan keeps the answer while the catalogue is fresh."""
+        until = self.catalog.fresh_until  # read first: `price` may start a refresh (which replaces it later)
+        price = self.catalog.price(model)
+        plan.model, plan.model_until = model, until
+        plan.free = model is not None and is_free_model(model, price)
+        plan.quote = self._quote(plan, price)
+
+    def _reservation_with_fallbacks(self, plan: _Plan, request: ProxyRequest) -> tuple[int, bool]:
+        """`_reservation` when `models` names fallbacks: free only if all are; the dearest one is reserved."""
+        model, fallbacks = request.model, _fallback_models(request.body)
+        price = self.catalog.price(model)
+        free = model is not None and is_free_model(model, price)
         if free and fallbacks:
             free = all(self.catalog.is_free(m) for m in fallbacks)
         if free or not plan.limits.budgeted:
-            return plan.limits, 0, free
+            return 0, free
         size = len(request.raw)
         reserve = max(self._quote(plan, p).estimate(request.body, size)
                       for p in (price, *(self.catalog.price(m) for m in fallbacks)))
-        return plan.limits, reserve, False
+        return reserve, False
 
-    def _quote(self, plan: "_Plan", price: ModelPrice | None) -> "Quote":
+    def _quote(self, plan: _Plan, price: ModelPrice | None) -> "Quote":
         """The plan's tier's quote for a price, kept per price object: catalogue refreshes bring new ones."""
         quotes = plan.quotes
         quote = quotes.get(id(price))

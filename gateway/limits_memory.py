@@ -102,66 +102,70 @@ class _UserCounters:
             spend=spend,
         )
 
+    def acquire(self, limits: Limits, reserve: int, free: bool, now: float) -> int:
+        """`MemoryCounters.acquire` for this user, without a coroutine or a look-up, in one piece.
+
+        It runs for every request, so it decides on the live counters in place with `Limits`'
+        int caps (a test holds it to `first_refusal`'s answers), builds a `Snapshot` only to
+        name and explain a refusal, and counts the request in `admitted` (see `settle`)."""
+        if int(now) != self.second:
+            self.settle(now)  # once a second per user
+        admitted = self.admitted
+        refused = (self.minute.total + admitted >= limits.rpm_cap or self.hour.total + admitted >= limits.rph_cap
+                   or self.inflight >= limits.concurrent_cap or self.tokens.total + self.used_tokens >= limits.tokens_cap)
+        if not refused and limits.budgeted and not free:
+            if self.counted_from <= now < self.counted_until:
+                committed, floor = self.total + self.reserved, self.floor
+                day, month = committed - floor[DAY], committed - floor[MONTH]
+            else:
+                spend = self.spend_now(now)
+                day, month = spend[DAY] + self.reserved, spend[MONTH] + self.reserved
+            refused = day >= limits.daily_cap_pico or month >= limits.monthly_cap_pico
+        if refused:
+            snapshot = self.snapshot(now)
+            name = first_refusal(limits, snapshot, free=free)
+            assert name is not None, "acquire and first_refusal disagree"
+            raise Refusal(name, snapshot)
+        self.admitted = admitted + 1
+        self.inflight += 1
+        self.reserved += reserve
+        return reserve  # the hold is the reservation itself
+
+    def finish(self, hold: int, at: float, amount: int, tokens: int, now: float) -> None:
+        """`MemoryCounters.finish` for this self."""
+        self.inflight -= 1
+        self.reserved -= hold
+        if amount:
+            if self.counted_from <= at < self.counted_until:  # `add_spend`'s first step
+                self.total += amount
+            else:
+                self.add_spend(at, amount)
+        if tokens:
+            if int(now) != self.second:
+                self.settle(now)
+            self.used_tokens += tokens
+
 
 class MemoryCounters:
     def __init__(self) -> None:
         self._users: dict[str, _UserCounters] = {}
 
-    def _user(self, user_id: str) -> _UserCounters:
+    def user(self, user_id: str) -> _UserCounters:
+        """The user's counters, with `acquire` and `finish` as plain methods: the limiter keeps them
+        on the user's plan, so the request path neither waits nor looks the user up."""
         user = self._users.get(user_id)
         if user is None:
             user = self._users[user_id] = _UserCounters()
         return user
 
     async def acquire(self, user_id: str, limits: Limits, reserve: int, free: bool, now: float) -> int:
-        return self.acquire_now(user_id, limits, reserve, free, now)
-
-    def acquire_now(self, user_id: str, limits: Limits, reserve: int, free: bool, now: float) -> int:
-        """`acquire` without a coroutine (the limiter calls this one), written out in one piece.
-
-        It runs for every request, so it decides on the live counters in place with `Limits`'
-        int caps (a test holds it to `first_refusal`'s answers), builds a `Snapshot` only to
-        name and explain a refusal, and counts the request in `admitted` (see `settle`)."""
-        user = self._users.get(user_id) or self._user(user_id)
-        if int(now) != user.second:
-            user.settle(now)  # once a second per user
-        admitted = user.admitted
-        refused = (user.minute.total + admitted >= limits.rpm_cap or user.hour.total + admitted >= limits.rph_cap
-                   or user.inflight >= limits.concurrent_cap or user.tokens.total + user.used_tokens >= limits.tokens_cap)
-        if not refused and limits.budgeted and not free:
-            if user.counted_from <= now < user.counted_until:
-                committed, floor = user.total + user.reserved, user.floor
-                day, month = committed - floor[DAY], committed - floor[MONTH]
-            else:
-                spend = user.spend_now(now)
-                day, month = spend[DAY] + user.reserved, spend[MONTH] + user.reserved
-            refused = day >= limits.daily_cap_pico or month >= limits.monthly_cap_pico
-        if refused:
-            snapshot = user.snapshot(now)
-            name = first_refusal(limits, snapshot, free=free)
-            assert name is not None, "acquire_now and first_refusal disagree"
-            raise Refusal(name, snapshot)
-        user.admitted = admitted + 1
-        user.inflight += 1
-        user.reserved += reserve
-        return reserve  # the hold is the reservation itself
+        return self.user(user_id).acquire(limits, reserve, free, now)
 
     def finish(self, user_id: str, hold: int, at: float, amount: int, tokens: int, now: float) -> None:
-        user = self._users.get(user_id) or self._user(user_id)
-        user.inflight -= 1
-        user.reserved -= hold
-        if amount:
-            if user.counted_from <= at < user.counted_until:  # `add_spend`'s first step
-                user.total += amount
-            else:
-                user.add_spend(at, amount)
-        if tokens:
-            if int(now) != user.second:
-                user.settle(now)
-            user.used_tokens += tokens
+        self.user(user_id).finish(hold, at, amount, tokens, now)
 
     def spend(self, user_id: str, at: float, amount: int, tokens: int, now: float) -> None:
-        user = self._users.get(user_id) or self._user(user_id)
+        user = self.user(user_id)
         if amount:
             user.add_spend(at, amount)
         if tokens:
@@ -175,10 +179,10 @@ class MemoryCounters:
     async def seed(self, spend: dict[str, dict[str, Decimal]], now: float) -> None:
         ids = period_ids(now)
         for user_id, amount in spend.get("all", {}).items():
-            self._user(user_id).total = to_pico(amount)
+            self.user(user_id).total = to_pico(amount)
         for i, period in enumerate(PERIODS):
             for user_id, amount in spend.get(period, {}).items():
-                user = self._user(user_id)
+                user = self.user(user_id)
                 user.ids[i], user.floor[i] = ids[i], user.total - to_pico(amount)
                 user.counted_from = user.counted_until = 0.0
 

@@ -45,6 +45,7 @@ class Clock:
 
 class FakeCatalog:
     prices = {PAID: ModelPrice(Decimal(1), Decimal(2)), FREE: ModelPrice(Decimal(0), Decimal(0))}
+    fresh_until = 0.0  # never fresh: every admission looks its model up (the limiter keeps nothing)
 
     def price(self, model: str | None) -> ModelPrice | None:
         return self.prices.get(model or "")
@@ -419,14 +420,14 @@ def _random_limits(rng: random.Random) -> Limits:
 
 
 def test_the_memory_fast_path_refuses_exactly_as_first_refusal() -> None:
-    """`MemoryCounters.acquire_now` (written out for speed) and `first_refusal` (a snapshot; Redis's
+    """`MemoryCounters.user(…).acquire` (written out for speed) and `first_refusal` (a snapshot; Redis's
     rules) agree on random counters, limits and clocks crossing second, minute, hour and day
     edges, with admissions and tokens of the current second still waiting to join the windows;
     a refusal changes nothing and an admission counts exactly one request."""
     rng = random.Random(5)
     for _ in range(400):
         counters, now = MemoryCounters(), T0 + rng.uniform(-90_000, 90_000)
-        user = counters._user("u")
+        user = counters.user("u")
         for _ in range(rng.randint(0, 30)):
             now += rng.choice((0.0, 0.2, 0.2, 1.5, 20.0, 700.0, 3000.0))
             step = rng.random()
@@ -435,7 +436,7 @@ def test_the_memory_fast_path_refuses_exactly_as_first_refusal() -> None:
                 user.hour.add(now)
             elif step < 0.45:  # admitted in this second: waits in `admitted`
                 with contextlib.suppress(Refusal):
-                    counters.acquire_now("u", _random_limits(rng), rng.randint(0, 200) * 10**10, False, now)
+                    user.acquire(_random_limits(rng), rng.randint(0, 200) * 10**10, False, now)
             elif step < 0.6:
                 user.add_spend(now - rng.choice((0, 0, 5000)), rng.randint(1, 300) * 10**10)  # $0.01–3
             elif step < 0.8:  # tokens reported in this second: wait in `used_tokens`
@@ -447,7 +448,7 @@ def test_the_memory_fast_path_refuses_exactly_as_first_refusal() -> None:
             before = copy.deepcopy(user).snapshot(now)  # a copy: a snapshot settles what waits
             expected = first_refusal(limits, before, free=free)
             try:
-                counters.acquire_now("u", limits, 25 * 10**10, free, now)
+                user.acquire(limits, 25 * 10**10, free, now)
             except Refusal as refused:
                 assert refused.name == expected and user.snapshot(now) == before
             else:
@@ -514,3 +515,33 @@ def test_a_small_body_is_bounded_by_its_size_and_a_large_one_by_its_text() -> No
         {"type": "text", "text": "what is this?"}, {"type": "image_url", "image_url": {"url": "data:," + "A" * 99_999}}]}]}
     size = len(orjson.dumps(image))
     assert size > SMALL_BODY_BYTES and prompt_tokens_bound(image, size) == prompt_tokens_bound(image) == 13 // 3 + 1
+
+
+@pytest.mark.anyio
+async def test_a_users_model_is_priced_once_while_the_catalogue_stays_fresh(counters: Any) -> None:
+    """The plan keeps the last model's price until the catalogue's `fresh_until`; a new model, or a
+    catalogue past it, is looked up again (and a refreshed price is what the next request reserves)."""
+    limiter, clock = make(counters, daily_budget_usd="1000")
+    catalog = FakeCatalog()
+    catalog.prices = dict(FakeCatalog.prices)
+    catalog.fresh_until = clock.now + 100
+    looked_up: list[str | None] = []
+    price = catalog.price
+    catalog.price = lambda model: looked_up.append(model) or price(model)  # type: ignore[method-assign]
+    limiter.catalog = catalog
+    p = principal()
+
+    async def reserved() -> Decimal:
+        ticket = await limiter.admit(p, request(max_tokens=1))
+        held = (await limiter.standing(p))[1].reserved
+        ticket.release(None)
+        return held
+
+    first = await reserved()
+    assert await reserved() == first and looked_up == [PAID]  # kept
+    catalog.prices[PAID] = ModelPrice(Decimal(10), Decimal(20))  # a refresh brings a new price …
+    clock.now += 100
+    catalog.fresh_until = clock.now + 100  # … and a new freshness
+    assert await reserved() > first and looked_up == [PAID, PAID]
+    await limiter.admit(p, request(model=FREE))
+    assert looked_up == [PAID, PAID, FREE]  # another model: looked up
