@@ -27,7 +27,6 @@ class SlidingWindow:
     """
 
     __slots__ = ("span_s", "bucket_s", "counts", "current", "total")
-    # A hot path may count into `counts` and `total` itself: that is all `bump` does.
 
     def __init__(self, span_s: float) -> None:
         self.span_s = span_s
@@ -59,12 +58,6 @@ class SlidingWindow:
         buckets = self.counts
         buckets[bucket] = buckets.get(bucket, 0) + amount
         self.total += amount
-
-    def oldest(self) -> int:
-        """The oldest counted bucket (the current one when the window is empty)."""
-        for bucket in self.counts:  # kept in ascending order: buckets are only ever added newest last
-            return bucket
-        return self.current
 
     def view(self, now: float) -> dict[int, int]:
         """The live buckets (not a copy): read it before changing the window again."""
