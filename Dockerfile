@@ -20,6 +20,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 WORKDIR /build
 COPY pyproject.toml README.md ./
 COPY gateway ./gateway
+COPY openrouter_emulator ./openrouter_emulator
 RUN pip install . \
     && rm -rf /build \
     && useradd --system --uid 10001 --home-dir /srv/gateway --shell /usr/sbin/nologin gateway \

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-SERVICES = {"limits": ("gateway.limits", "install_limits"), "accounting": ("gateway.accounting", "install_accounting")}
+SERVICES = {"limits": ("gateway.limits.limiter", "install_limits"), "accounting": ("gateway.accounting.ledger", "install_accounting")}
 
 
 async def _left_out(gateway: object) -> None:
@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> None:
     module_name, installer = SERVICES[args.without]
     module = __import__(module_name, fromlist=[installer])
     setattr(module, installer, _left_out)  # services.py imports the installer when it runs
-    from gateway.cli import main as gateway_main
+    from gateway.cli.main import main as gateway_main
 
     rest = args.gateway_args[1:] if args.gateway_args[:1] == ["--"] else args.gateway_args
     gateway_main(rest)

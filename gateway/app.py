@@ -20,14 +20,14 @@ from starlette.applications import Starlette
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 
-from gateway.auth import AdminAuth, Authenticator
+from gateway.auth.tokens import AdminAuth, Authenticator
 from gateway.catalog import Catalog
-from gateway.clock import Clock, system_clock
-from gateway.config import Config
-from gateway.directory import Directory
-from gateway.errors import GatewayError
-from gateway.metrics import Metrics, route_label
-from gateway.proxy import (
+from gateway.core.clock import Clock, system_clock
+from gateway.core.config import Config
+from gateway.accounts.directory import Directory
+from gateway.core.errors import GatewayError
+from gateway.core.metrics import Metrics, route_label
+from gateway.proxy.endpoint import (
     Admission,
     AsSent,
     BodyPreparer,
@@ -39,11 +39,11 @@ from gateway.proxy import (
     StreamInFlight,
     send_error,
 )
-from gateway.routes.common import error_response
-from gateway.secrets_files import admin_token_hash, management_key
+from gateway.api.common import error_response
+from gateway.security.secret_files import admin_token_hash, management_key
 from gateway.store import Store
-from gateway.upstream import Transport, UpstreamClient, make_transport
-from gateway.vault import Vault
+from gateway.upstream.client import Transport, UpstreamClient, make_transport
+from gateway.security.vault import Vault
 
 log = logging.getLogger("gateway")
 access_log = logging.getLogger("gateway.access")
@@ -296,7 +296,7 @@ def create_app(
     extensions: list[Callable[[Gateway], Awaitable[None]]] | None = None,
 ) -> GatewayApp:
     """Build the ASGI app; resources open when the server's lifespan starts."""
-    from gateway.routes import account, admin, admin_keys, limits, models, ops, usage
+    from gateway.api import account, admin, admin_keys, limits, models, ops, usage
 
     gateway = Gateway(config, transport=transport, clock=clock)
 
@@ -340,7 +340,7 @@ def create_app(
 
 
 async def _not_found(request: Request, exc: Exception) -> Any:
-    from gateway.errors import NotFound
+    from gateway.core.errors import NotFound
 
     return error_response(NotFound(f"No route {request.method} {request.url.path}; see the API in README.md."), request)
 

@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
-from gateway.clock import Clock, system_clock
-from gateway.upstream import UpstreamClient, UpstreamConnectionError
+from gateway.core.clock import Clock, system_clock
+from gateway.upstream.client import UpstreamClient, UpstreamConnectionError
 
 log = logging.getLogger("gateway.catalog")
 FREE_SUFFIX = ":free"

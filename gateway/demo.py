@@ -5,15 +5,15 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-from gateway.errors import GatewayError
-from gateway.openrouter_keys import connect_byok
+from gateway.core.errors import GatewayError
+from gateway.accounts.byok import connect_byok
 
 DEMO_USER = "demo"
 
 
 async def prepare_demo(gateway: Any, host: str, port: int) -> str:
     """Create (or reuse) the demo user, connect the emulator's key, mint a token, print how to call."""
-    from gateway.emulator import DEMO_KEY
+    from openrouter_emulator.app import DEMO_KEY
 
     directory = gateway.directory
     if await gateway.store.users.get(DEMO_USER) is None:

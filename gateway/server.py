@@ -9,9 +9,9 @@ from typing import Any
 
 import uvicorn
 
-from gateway.config import Config, load_config
-from gateway.logs import configure_logging
-from gateway.setup import ensure_runtime
+from gateway.core.config import Config, load_config
+from gateway.core.logs import configure_logging
+from gateway.security.first_run import ensure_runtime
 
 DEMO_EMULATOR_PORT = 8090
 GRACEFUL_SHUTDOWN_S = 30
@@ -81,7 +81,7 @@ async def _serve(config: Config, host: str, port: int, demo: bool, demo_port: in
         await server.serve()
         return
     from gateway.demo import prepare_demo
-    from gateway.emulator import create_emulator_app
+    from openrouter_emulator.app import create_emulator_app
 
     emulator = uvicorn.Server(_uvicorn_config(create_emulator_app(), "127.0.0.1", demo_port))
     emulator.config.lifespan = "auto"

@@ -14,17 +14,17 @@ if TYPE_CHECKING:
 
 
 async def install_services(gateway: "Gateway") -> None:
-    from gateway.accounting import install_accounting
+    from gateway.accounting.ledger import install_accounting
 
     await install_accounting(gateway)  # first: others (limits) register ledger listeners
-    from gateway.provisioning import install_provisioning
+    from gateway.accounts.provisioning import install_provisioning
 
     await install_provisioning(gateway)
-    from gateway.limits import install_limits
+    from gateway.limits.limiter import install_limits
 
     await install_limits(gateway)  # after accounting: counts spend from the ledger's listeners
-    from gateway.credit_sync import install_credit_sync
-    from gateway.user_settings import install_settings
+    from gateway.accounts.credit_sync import install_credit_sync
+    from gateway.accounts.settings import install_settings
 
     await install_settings(gateway)  # sets gateway.preparer: users' defaults fill absent fields
     await install_credit_sync(gateway)

@@ -9,19 +9,19 @@ from typing import Any
 import orjson
 import pytest
 
-from gateway.accounting import Ledger, build_record
-from gateway.auth import Principal, ProviderKey
-from gateway.config import Config, TierConfig
-from gateway.errors import BadRequest
-from gateway.generations import parse_generation_id, stats_from_record
-from gateway.money import markup_for
-from gateway.proxy import ProxyRequest
-from gateway.settlement import Settler
-from gateway.sse import Observation, observe_body
+from gateway.accounting.ledger import Ledger, build_record
+from gateway.auth.tokens import Principal, ProviderKey
+from gateway.core.config import Config, TierConfig
+from gateway.core.errors import BadRequest
+from gateway.accounting.generations import parse_generation_id, stats_from_record
+from gateway.core.money import markup_for
+from gateway.proxy.endpoint import ProxyRequest
+from gateway.accounting.settlement import Settler
+from gateway.proxy.sse import Observation, observe_body
 from gateway.store import Store
 from gateway.store.usage import COLUMNS, PENDING, SETTLED, UNSETTLED
-from gateway.upstream import UpstreamConnectionError
-from gateway.usage_report import (
+from gateway.upstream.client import UpstreamConnectionError
+from gateway.accounting.reports import (
     aggregate,
     choice,
     period_start,

@@ -7,7 +7,7 @@ from starlette.routing import Route
 from starlette.testclient import TestClient
 
 from gateway.app import create_app
-from gateway.config import Config
+from gateway.core.config import Config
 
 
 def _config(tmp_path: Path) -> Config:

@@ -10,7 +10,7 @@ import orjson
 import pytest
 
 from gateway.catalog import Catalog, CatalogUnavailable, page
-from gateway.upstream import UpstreamClient, UpstreamConnectionError
+from gateway.upstream.client import UpstreamClient, UpstreamConnectionError
 
 
 def model(model_id: str, prompt: str = "0.000001", completion: str = "0.000002", outputs: tuple[str, ...] = ("text",),

@@ -13,7 +13,7 @@ import pytest
 import yaml
 from cryptography.fernet import Fernet
 
-from gateway.cli import build_parser, main
+from gateway.cli.main import build_parser, main
 
 ROOT = Path(__file__).resolve().parents[1]
 TABLES = ("users", "tokens", "provider_keys", "audit_log")

@@ -3,7 +3,7 @@
 import random
 from datetime import datetime, timezone
 
-from gateway.clock import iso, parse_iso
+from gateway.core.clock import iso, parse_iso
 
 
 def _reference(ts: float) -> str:

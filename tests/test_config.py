@@ -10,7 +10,7 @@ import pytest
 import yaml
 from pydantic import BaseModel
 
-from gateway.config import Config, ConfigError, TierConfig, load_config
+from gateway.core.config import Config, ConfigError, TierConfig, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "config.example.yaml"

@@ -9,11 +9,11 @@ from typing import Any
 import pytest
 from cryptography.fernet import Fernet
 
-from gateway.credit_sync import CreditSync, Pacer
-from gateway.credits import CreditsUnavailable, KeyRejected, credits_view, fetch_credits
+from gateway.accounts.credit_sync import CreditSync, Pacer
+from gateway.upstream.credits import CreditsUnavailable, KeyRejected, credits_view, fetch_credits
 from gateway.store import Store
-from gateway.upstream import UpstreamConnectionError
-from gateway.vault import Vault
+from gateway.upstream.client import UpstreamConnectionError
+from gateway.security.vault import Vault
 
 
 class FakeUpstream:

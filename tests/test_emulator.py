@@ -18,7 +18,7 @@ import httpx
 import pytest
 import uvicorn
 
-from gateway.emulator import (
+from openrouter_emulator.app import (
     DEMO_KEY,
     DEMO_MANAGEMENT_KEY,
     EmulatorState,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import orjson
 import pytest
 
-from gateway.errors import (
+from gateway.core.errors import (
     BadRequest,
     GatewayError,
     PayloadTooLarge,

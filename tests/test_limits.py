@@ -14,20 +14,20 @@ import orjson
 import pytest
 from conftest import redis_url_or_skip
 
-from gateway.auth import Principal
+from gateway.auth.tokens import Principal
 from gateway.catalog import ModelPrice
-from gateway.config import Config
-from gateway.errors import PaymentRequired, RateLimited
-from gateway.money import PICO, charged, to_pico
-from gateway.limits import (
+from gateway.core.config import Config
+from gateway.core.errors import PaymentRequired, RateLimited
+from gateway.core.money import PICO, charged, to_pico
+from gateway.limits.limiter import (
     SMALL_BODY_BYTES, Limiter, Limits, Quote, Refusal, completion_tokens_cap, estimate_cost, first_refusal,
     prompt_tokens_bound,
 )
-from gateway.limits_memory import MemoryCounters
-from gateway.limits_redis import RedisCounters
-from gateway.proxy import ProxyRequest
-from gateway.sse import Observation
-from gateway.windows import SlidingWindow, period_end, period_id
+from gateway.limits.in_memory import MemoryCounters
+from gateway.limits.in_redis import RedisCounters
+from gateway.proxy.endpoint import ProxyRequest
+from gateway.proxy.sse import Observation
+from gateway.core.windows import SlidingWindow, period_end, period_id
 
 # 2025-03-10 is a Monday; 12:00:30 UTC leaves room before every boundary the tests cross on purpose.
 T0 = datetime(2025, 3, 10, 12, 0, 30, tzinfo=timezone.utc).timestamp()
@@ -365,7 +365,7 @@ async def test_request_limits_are_checked_before_budgets(counters: Any) -> None:
 
 @pytest.mark.anyio
 async def test_with_the_ledger_spend_comes_from_its_records_and_corrections(counters: Any) -> None:
-    from gateway.limits import attach_ledger
+    from gateway.limits.limiter import attach_ledger
 
     limiter, clock = make(counters, daily_budget_usd="10", tokens_per_hour=1000)
     ledger = FakeLedger()

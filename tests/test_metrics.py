@@ -2,7 +2,7 @@
 
 from decimal import Decimal
 
-from gateway.metrics import Metrics, route_label
+from gateway.core.metrics import Metrics, route_label
 
 
 def test_render_counts_requests_by_route_and_status_class() -> None:

@@ -2,7 +2,7 @@
 
 import pytest
 
-from gateway.pacing import CpuMeter, Pacer
+from gateway.accounting.pacing import CpuMeter, Pacer
 
 
 class Clocks:

@@ -12,17 +12,17 @@ import httpx
 import pytest
 from cryptography.fernet import Fernet
 
-from gateway.config import Config
-from gateway.emulator import DEMO_MANAGEMENT_KEY, create_emulator_app
-from gateway.emulator_state import EmulatorState, Plan
-from gateway.errors import GatewayError
-from gateway.key_api import KeyApi
-from gateway.money import dumps
-from gateway.provisioning import Provisioner
+from gateway.core.config import Config
+from openrouter_emulator.app import DEMO_MANAGEMENT_KEY, create_emulator_app
+from openrouter_emulator.state import EmulatorState, Plan
+from gateway.core.errors import GatewayError
+from gateway.upstream.key_api import KeyApi
+from gateway.core.money import dumps
+from gateway.accounts.provisioning import Provisioner
 from gateway.store import Store
 from gateway.store.managed_keys import ManagedKeyOperations
-from gateway.upstream import HttpxTransport, UpstreamClient, UpstreamConnectionError
-from gateway.vault import Vault
+from gateway.upstream.client import HttpxTransport, UpstreamClient, UpstreamConnectionError
+from gateway.security.vault import Vault
 
 BASE = "http://emulator.test/api/v1"
 

@@ -13,11 +13,11 @@ from typing import Any, AsyncIterator
 import orjson
 import pytest
 
-from gateway.auth import Principal, ProviderKey, bearer
-from gateway.errors import RateLimited, Unauthorized
-from gateway.proxy import EmergencyStop, ProxyEndpoint, ProxyRequest, read_body
-from gateway.sse import Observation
-from gateway.upstream import UpstreamClient, UpstreamConnectionError
+from gateway.auth.tokens import Principal, ProviderKey, bearer
+from gateway.core.errors import RateLimited, Unauthorized
+from gateway.proxy.endpoint import EmergencyStop, ProxyEndpoint, ProxyRequest, read_body
+from gateway.proxy.sse import Observation
+from gateway.upstream.client import UpstreamClient, UpstreamConnectionError
 
 BASE = "https://openrouter.test/api/v1"
 USER_KEY = "sk-or-v1-" + "u" * 64

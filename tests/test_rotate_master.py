@@ -12,11 +12,11 @@ import pytest
 import yaml
 from cryptography.fernet import Fernet
 
-from gateway.cli import main
-from gateway.clock import iso
-from gateway.master_rotation import rotate_master
+from gateway.cli.main import main
+from gateway.core.clock import iso
+from gateway.security.master_rotation import rotate_master
 from gateway.store import Store
-from gateway.vault import Vault, parse_master_keys
+from gateway.security.vault import Vault, parse_master_keys
 
 COUNT = 1000
 

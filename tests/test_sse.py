@@ -13,7 +13,7 @@ from decimal import Decimal
 import orjson
 import pytest
 
-from gateway.sse import Observation, StreamObserver, observe_body, parse_usage
+from gateway.proxy.sse import Observation, StreamObserver, observe_body, parse_usage
 
 GEN = "gen-1732000000-AbCdEfGhIjKlMnOpQrSt"
 

@@ -15,7 +15,7 @@ import httpx
 import pytest
 import respx
 
-from gateway.upstream import (
+from gateway.upstream.client import (
     HttpxTransport,
     UpstreamClient,
     UpstreamConnectionError,

@@ -8,11 +8,11 @@ from typing import Any
 import orjson
 import pytest
 
-from gateway.auth import Principal
-from gateway.errors import BadRequest
-from gateway.proxy import ProxyRequest
+from gateway.auth.tokens import Principal
+from gateway.core.errors import BadRequest
+from gateway.proxy.endpoint import ProxyRequest
 from gateway.store import Store
-from gateway.user_settings import (
+from gateway.accounts.settings import (
     DefaultsPreparer,
     SettingsBook,
     UserSettings,

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from cryptography.fernet import Fernet
 
-from gateway.vault import (
+from gateway.security.vault import (
     Vault,
     VaultError,
     ensure_key_file,

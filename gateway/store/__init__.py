@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from gateway.clock import Clock, system_clock
+from gateway.core.clock import Clock, system_clock
 from gateway.store.account import AccountRepository
 from gateway.store.audit import AuditRepository
 from gateway.store.changes import ChangeFeed

@@ -6,7 +6,7 @@ revocation or suspension made on one instance reaches all of them within a secon
 
 from __future__ import annotations
 
-from gateway.clock import iso
+from gateway.core.clock import iso
 from gateway.store.database import Database, Executor, Row
 
 WINDOW = 64  # changes re-read below the caller's last sequence number

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from gateway.clock import Clock, iso, system_clock
+from gateway.core.clock import Clock, iso, system_clock
 from gateway.store.changes import publish
 from gateway.store.database import Database, Row
 

@@ -7,7 +7,7 @@ operation (an instance recovering it, another finishing it) never both apply a s
 
 from __future__ import annotations
 
-from gateway.clock import Clock, iso, system_clock
+from gateway.core.clock import Clock, iso, system_clock
 from gateway.store.changes import publish
 from gateway.store.database import Database, Row
 

@@ -11,7 +11,7 @@ import time
 from importlib import resources
 from typing import Any
 
-from gateway.clock import iso
+from gateway.core.clock import iso
 from gateway.store.database import Database
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import secrets
 
-from gateway.clock import Clock, iso, system_clock
+from gateway.core.clock import Clock, iso, system_clock
 from gateway.store.changes import publish
 from gateway.store.database import Database, Row
 

@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, fields
 from decimal import Decimal
 from typing import Any, Iterable, Sequence
 
-from gateway.clock import Clock, system_clock
+from gateway.core.clock import Clock, system_clock
 from gateway.store.database import Database, Row
 
 PENDING, SETTLED, UNSETTLED = "pending", "settled", "unsettled"

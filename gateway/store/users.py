@@ -7,7 +7,7 @@ from typing import Any
 
 import orjson
 
-from gateway.clock import Clock, iso, system_clock
+from gateway.core.clock import Clock, iso, system_clock
 from gateway.store.changes import publish
 from gateway.store.database import Database, Row
 

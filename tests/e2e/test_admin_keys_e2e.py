@@ -13,7 +13,7 @@ import httpx
 import openai
 import pytest
 
-from gateway.emulator import DEMO_MANAGEMENT_KEY
+from openrouter_emulator.app import DEMO_MANAGEMENT_KEY
 from tests.conftest import (
     ADMIN_TOKEN,
     Emulator,
@@ -323,7 +323,7 @@ def test_cli_manages_keys(emulator: Emulator, tmp_path: Path, monkeypatch: pytes
                           capsys: pytest.CaptureFixture[str]) -> None:
     import orjson
 
-    from gateway.cli import main
+    from gateway.cli.main import main
     from tests.conftest import write_config
 
     config = str(write_config(tmp_path, emulator))

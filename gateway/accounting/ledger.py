@@ -1,0 +1,316 @@
+"""The usage ledger: every generation's cost, markup and tokens, recorded off the request path.
+
+`Ledger.record` is the proxy's `Recorder` hook. It turns what the response said (the
+`Observation`) into a `UsageRecord` priced provisionally from `usage.cost`, sets the
+request's `charged` (the limits count it as the request's ticket is released; later
+corrections reach them through `on_total_changed`), and queues the record; nothing on the request
+path waits on the database. A background writer flushes the queue in one transaction
+every `accounting.flush_interval_ms` (0: the writer wakes for each record, so it is
+written within milliseconds of the response ending). The `Settler` (settlement.py) then
+replaces the provisional cost with OpenRouter's authoritative `total_cost`.
+
+Guarantees:
+- One record per generation id (duplicates are dropped by the store's primary key).
+- Money is Decimal from the parsed response to the TEXT column; markup comes only from
+  `gateway.money.markup_for`, with the tier in force when the request was made.
+- Graceful shutdown flushes everything (`close`); after kill -9 at most the records of
+  the last flush interval are missing. Records whose cost look-up is still pending are
+  stored as `pending` with their next attempt time and resume after a restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from decimal import Decimal
+from typing import TYPE_CHECKING, Any, Callable
+
+from gateway.auth.tokens import Principal
+from gateway.core.clock import Clock, iso, system_clock
+from gateway.core.config import Config, TierConfig
+from gateway.core.money import ZERO, markup_for, to_decimal
+from gateway.accounting.pacing import CpuMeter, Pacer
+from gateway.proxy.endpoint import ProxyRequest
+from gateway.accounting.settlement import KeyLookup, Settler
+from gateway.proxy.sse import Observation
+from gateway.store import Store
+from gateway.store.usage import PENDING, UNSETTLED, Settlement, UsageRecord
+
+if TYPE_CHECKING:
+    from gateway.app import Gateway
+
+log = logging.getLogger("gateway.accounting.ledger")
+
+TotalChangedCallback = Callable[[str, float, Decimal, Decimal], None]
+LOCAL_ID_PREFIX = "gw-"  # records of responses that carried no generation id (nothing to look up)
+
+
+def _int(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+
+
+def usage_tokens(usage: dict[str, Any] | None) -> tuple[int, int, int, int]:
+    """(prompt, completion, reasoning, cached) from an OpenAI/OpenRouter `usage` object."""
+    if not usage:
+        return 0, 0, 0, 0
+    prompt_details = usage.get("prompt_tokens_details")
+    completion_details = usage.get("completion_tokens_details")
+    cached = _int(prompt_details.get("cached_tokens")) if isinstance(prompt_details, dict) else 0
+    reasoning = _int(completion_details.get("reasoning_tokens")) if isinstance(completion_details, dict) else 0
+    return _int(usage.get("prompt_tokens")), _int(usage.get("completion_tokens")), reasoning, cached
+
+
+def build_record(
+    principal: Principal,
+    request: ProxyRequest,
+    observation: Observation,
+    *,
+    tier: TierConfig,
+    free: bool,
+    first_lookup_at: float,
+) -> UsageRecord:
+    """The provisional usage record of one proxied generation (pure: no I/O, no clock)."""
+    usage = observation.usage
+    cost = to_decimal(usage.get("cost")) if usage else None
+    provider_cost = cost if cost is not None and cost >= 0 else ZERO
+    markup, reason = markup_for(provider_cost, principal.tier, tier, free=free)
+    prompt, completion, reasoning, cached = usage_tokens(usage)
+    generation_id = observation.generation_id
+    error = observation.error
+    ended = request.ended if request.ended is not None else request.started
+    return UsageRecord(
+        generation_id=generation_id or LOCAL_ID_PREFIX + request.request_id,
+        user_id=principal.user_id,
+        token_id=principal.token_id,
+        request_id=request.request_id,
+        endpoint=request.endpoint,
+        model_requested=request.model,
+        model=observation.model,
+        provider=observation.provider,
+        streamed=request.stream,
+        cancelled=request.cancelled,
+        finish_reason=observation.finish_reason,
+        error=str(error.get("message") or error.get("code") or "error")[:300] if error else None,
+        status=request.status or None,
+        prompt_tokens=prompt,
+        completion_tokens=completion,
+        reasoning_tokens=reasoning,
+        cached_tokens=cached,
+        provisional_cost=provider_cost,
+        provider_cost=provider_cost,
+        markup=markup,
+        total_cost=provider_cost + markup,
+        markup_pct=ZERO if free else tier.markup_pct,
+        markup_reason=reason,
+        free=free,
+        tier=principal.tier,
+        latency_ms=max(0, round((ended - request.started) * 1000)),
+        created_at=iso(request.started),
+        settle_status=PENDING if generation_id else UNSETTLED,
+        next_attempt_at=iso(first_lookup_at) if generation_id else None,
+    )
+
+
+class Ledger:
+    """Queue, batch writer and listeners; the `Settler` it owns settles costs in the background."""
+
+    def __init__(
+        self,
+        store: Store,
+        config: Config,
+        *,
+        is_free: Callable[[str | None], bool],
+        settler: Settler,
+        clock: Clock = system_clock,
+    ) -> None:
+        self._store = store
+        self._config = config
+        self._is_free = is_free
+        self._clock = clock
+        self.settler = settler
+        self.flush_interval_s = config.accounting.flush_interval_ms / 1000
+        self._first_delay_s = config.accounting.generation_lookup.first_delay_s
+        self._unwritten: dict[str, UsageRecord] = {}
+        self._writing: dict[str, UsageRecord] = {}
+        self._settlements: list[Settlement] = []
+        self._wake = asyncio.Event()
+        self._flush_lock = asyncio.Lock()
+        self._total_changed: list[TotalChangedCallback] = []
+        self.records_written = 0
+        settler.attach(self)
+
+    # -- listeners ------------------------------------------------------------
+
+    def on_total_changed(self, callback: TotalChangedCallback) -> None:
+        """`callback(user_id, created_at_ts, old_total, new_total)` when settling changes a total."""
+        self._total_changed.append(callback)
+
+    def _notify(self, callbacks: list[Callable[..., None]], *args: Any) -> None:
+        for callback in callbacks:
+            try:
+                callback(*args)
+            except Exception:
+                log.exception("accounting listener failed")
+
+    # -- the proxy hook ---------------------------------------------------------
+
+    def record(self, principal: Principal, request: ProxyRequest, observation: Observation) -> None:
+        """Queue the generation's record; never blocks, never raises into the proxy."""
+        first_lookup_at = self._clock() + self._first_delay_s
+        try:
+            served = observation.model or request.model
+            record = build_record(
+                principal,
+                request,
+                observation,
+                tier=self._config.tier(principal.tier),
+                free=self._is_free(served) or (request.model != served and self._is_free(request.model)),
+                first_lookup_at=first_lookup_at,
+            )
+        except Exception:
+            log.exception("could not build a usage record for request %s", request.request_id)
+            return
+        if record.generation_id in self._unwritten:
+            return  # the same generation reported twice: one record
+        self._unwritten[record.generation_id] = record
+        request.charged, request.tokens = record.total_cost, record.tokens  # the limits count these on release
+        if record.settle_status == PENDING and principal.key is not None:
+            self.settler.schedule(record, key=principal.key.secret, due=first_lookup_at, created_ts=request.started)
+        if self.flush_interval_s == 0:
+            self._wake.set()
+
+    # -- reading back (before and after the write) -----------------------------
+
+    def unwritten(self, generation_id: str) -> UsageRecord | None:
+        return self._unwritten.get(generation_id) or self._writing.get(generation_id)
+
+    async def lookup(self, generation_id: str) -> UsageRecord | None:
+        """The record as it stands now, whether or not it has reached the database yet."""
+        record = self.unwritten(generation_id)
+        if record is not None:
+            return record
+        return await self._store.usage.get(generation_id)
+
+    # -- settlement results (called by the Settler) ----------------------------
+
+    def apply(self, settlement: Settlement, *, user_id: str, created_ts: float, old_total: Decimal) -> None:
+        """Apply a look-up's outcome: in place if the record is still queued, else as an update."""
+        queued = self._unwritten.get(settlement.generation_id)
+        if queued is not None:
+            settlement.apply_to(queued)
+        else:
+            writing = self._writing.get(settlement.generation_id)
+            if writing is not None:  # in the batch being written: mirror it for readers meanwhile
+                settlement.apply_to(writing)
+            self._settlements.append(settlement)
+        if settlement.total_cost != old_total:
+            self._notify(self._total_changed, user_id, created_ts, old_total, settlement.total_cost)
+        if self.flush_interval_s == 0:
+            self._wake.set()
+
+    # -- the writer -------------------------------------------------------------
+
+    @property
+    def backlog(self) -> int:
+        return len(self._unwritten) + len(self._settlements)
+
+    async def flush(self) -> int:
+        """Write everything queued in one transaction; on failure it stays queued for the next try."""
+        async with self._flush_lock:
+            if not self._unwritten and not self._settlements:
+                return 0
+            self._writing, self._unwritten = self._unwritten, {}
+            settlements, self._settlements = self._settlements, []
+            records = list(self._writing.values())
+            try:
+                await self._store.usage.write(records, settlements)
+            except BaseException:
+                self._unwritten = {**self._writing, **self._unwritten}
+                self._settlements = settlements + self._settlements
+                raise
+            finally:
+                self._writing = {}
+            self.records_written += len(records)
+            return len(records)
+
+    async def run_writer(self) -> None:
+        """Flush every `flush_interval_ms` (or as soon as something is queued when it is 0)."""
+        while True:
+            if self.flush_interval_s == 0:
+                await self._wake.wait()
+                self._wake.clear()
+            else:
+                await asyncio.sleep(self.flush_interval_s)
+            try:
+                await self.flush()
+            except Exception:
+                log.exception("writing usage records failed; they stay queued and are retried")
+                await asyncio.sleep(max(self.flush_interval_s, 0.5))
+
+    async def run_retention(self, days: int, *, every_s: float = 3600) -> None:
+        """`jobs.usage_retention_days`: drop finished records older than that, hourly."""
+        while True:
+            try:
+                removed = await self._store.usage.delete_before(iso(self._clock() - days * 86400))
+                if removed:
+                    log.info("usage retention removed %d records older than %d days", removed, days)
+            except Exception:
+                log.exception("usage retention failed; retrying later")
+            await asyncio.sleep(every_s)
+
+    async def close(self) -> None:
+        """Shutdown: stop settling (pending look-ups stay stored as pending) and flush everything."""
+        await self.settler.stop()
+        for attempt in range(3):
+            try:
+                await self.flush()
+                return
+            except Exception:
+                log.exception("final usage flush failed (attempt %d)", attempt + 1)
+                await asyncio.sleep(0.2)
+
+
+def key_lookup(gateway: "Gateway") -> KeyLookup:
+    """The user's current decrypted OpenRouter key, for look-ups resumed after a restart."""
+
+    async def lookup(user_id: str) -> str | None:
+        row = await gateway.store.keys.get(user_id)
+        if row is None:
+            return None
+        try:
+            return gateway.vault.decrypt(row["ciphertext"])
+        except Exception:
+            log.error("the stored key of user %s cannot be decrypted; its generations stay provisional", user_id)
+            return None
+
+    return lookup
+
+
+async def install_accounting(gateway: "Gateway") -> Ledger:
+    """Create `gateway.ledger`, make it the proxy's recorder, start its jobs, flush at shutdown."""
+    config = gateway.config
+    lookup = config.accounting.generation_lookup
+    meter = CpuMeter()
+    settler = Settler(
+        gateway.upstream,
+        lookup,
+        key_for=key_lookup(gateway),
+        is_free=gateway.catalog.is_free,
+        clock=gateway.clock,
+        pacer=Pacer(meter, busy_share=lookup.busy_cpu_share, floor_per_s=lookup.busy_floor_per_s),
+    )
+    ledger = Ledger(gateway.store, config, is_free=gateway.catalog.is_free, settler=settler, clock=gateway.clock)
+    gateway.ledger = ledger  # type: ignore[attr-defined]
+    gateway.recorder = ledger
+    await settler.resume(gateway.store)
+    gateway.spawn(ledger.run_writer())
+    gateway.spawn(settler.run())
+    gateway.spawn(meter.run())
+    gateway.metrics.gauge("gateway_settlements_pending", lambda: settler.pending)
+    if config.jobs.usage_retention_days:
+        gateway.spawn(ledger.run_retention(config.jobs.usage_retention_days))
+    gateway.on_shutdown(ledger.close)
+    return ledger
+
+
+__all__ = ["Ledger", "build_record", "install_accounting", "usage_tokens"]

@@ -1,0 +1,67 @@
+"""Connecting a user's own OpenRouter key (BYOK): verified upstream first, then stored encrypted."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from gateway.core.errors import BadGateway, BadRequest, NotFound
+from gateway.store import Store
+from gateway.upstream.client import UpstreamClient, UpstreamConnectionError
+from gateway.security.vault import Vault, mask_key
+
+
+def check_key_format(api_key: Any) -> str:
+    if not isinstance(api_key, str) or not api_key.strip():
+        raise BadRequest("Field 'api_key' is required: your OpenRouter key (sk-or-...).", param="api_key")
+    api_key = api_key.strip()
+    if not api_key.startswith("sk-or-") or len(api_key) < 20 or any(c.isspace() for c in api_key):
+        raise BadRequest(
+            "That does not look like an OpenRouter key: keys start with 'sk-or-'. "
+            "Create one at https://openrouter.ai/settings/keys.",
+            param="api_key",
+        )
+    return api_key
+
+
+async def verify_key(upstream: UpstreamClient, api_key: str) -> dict[str, Any]:
+    """Ask OpenRouter's `GET /key` whether the key works; returns its `data`."""
+    try:
+        status, body = await upstream.call("GET", "/key", key=api_key)
+    except UpstreamConnectionError:
+        raise BadGateway("OpenRouter could not be reached to verify the key; nothing was stored. Try again.") from None
+    if status in (401, 403):
+        raise BadRequest(
+            "OpenRouter rejected this key (invalid, disabled or deleted); nothing was stored.", param="api_key"
+        )
+    if status != 200 or not isinstance(body, dict) or not isinstance(body.get("data"), dict):
+        raise BadGateway(f"OpenRouter answered HTTP {status} while verifying the key; nothing was stored.")
+    if body["data"].get("is_management_key") or body["data"].get("is_provisioning_key"):
+        raise BadRequest(
+            "This is a management key, which cannot make completions; connect an inference key.", param="api_key"
+        )
+    return body["data"]
+
+
+async def connect_byok(store: Store, vault: Vault, upstream: UpstreamClient, user_id: str, api_key: Any) -> dict[str, Any]:
+    """Verify, encrypt and store; returns the public description (never the key)."""
+    api_key = check_key_format(api_key)
+    if await store.users.get(user_id) is None:
+        raise NotFound(f"No user {user_id!r}.")
+    await verify_key(upstream, api_key)
+    label = mask_key(api_key)
+    await store.keys.put(user_id, kind="byok", ciphertext=vault.encrypt(api_key), label=label, last4=api_key[-4:])
+    return {"kind": "byok", "label": label, "last4": api_key[-4:]}
+
+
+def describe_key(row: dict[str, Any] | None) -> dict[str, Any] | None:
+    if row is None:
+        return None
+    return {
+        "kind": row["kind"],
+        "label": row["label"],
+        "last4": row["last4"],
+        "disabled": bool(row["disabled"]),
+        "limit_usd": row["limit_usd"],
+        "created_at": row["created_at"],
+        "updated_at": row["updated_at"],
+    }

@@ -1,0 +1,179 @@
+"""The caller's account, OpenRouter key, credits and settings (/v1/account, /v1/credits, /v1/settings).
+
+Handlers are thin: the platform token names the user (a user reaches only their own
+account), services do the work. Keys never leave: a key is shown as its kind and last
+four characters only.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from decimal import Decimal
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import BaseRoute
+
+from gateway.auth.tokens import Principal
+from gateway.catalog import CatalogUnavailable
+from gateway.core.clock import iso
+from gateway.upstream.credits import CreditsUnavailable, KeyRejected, credits_view, fetch_credits
+from gateway.core.errors import BadGateway, NotFound, PaymentRequired
+from gateway.accounts.byok import connect_byok
+from gateway.proxy.endpoint import NO_KEY_MESSAGE
+from gateway.api.common import (
+    gateway_of,
+    json_body,
+    json_response,
+    mirrored,
+    only_fields,
+    principal_of,
+)
+from gateway.accounts.settings import validate_changes
+
+
+def masked(last4: str) -> str:
+    return f"sk-or-...{last4}"
+
+
+def _key_of(principal: Principal) -> str:
+    if principal.key is None:
+        raise PaymentRequired(NO_KEY_MESSAGE)
+    return principal.key.secret
+
+
+def _threshold(request: Request) -> Decimal:
+    return gateway_of(request).config.accounting.low_balance_usd
+
+
+def _stored_view(request: Request, row: dict[str, Any] | None) -> dict[str, Any] | None:
+    if row is None or row["synced_at"] is None:
+        return None
+    return credits_view(row["total_credits"], row["total_usage"], source=row["source"], threshold=_threshold(request),
+                        synced_at=row["synced_at"])
+
+
+# -- credits -----------------------------------------------------------------------
+
+
+async def credits(request: Request) -> Response:
+    """Live from OpenRouter with the caller's key (and remembered); the last synced values if it is down."""
+    principal = await principal_of(request)
+    gateway = gateway_of(request)
+    key = _key_of(principal)
+    try:
+        found = await fetch_credits(gateway.upstream, key)
+    except KeyRejected as exc:
+        raise PaymentRequired(f"{exc}: connect a working key with `PUT /v1/account/openrouter-key`.") from None
+    except CreditsUnavailable as exc:
+        stored = _stored_view(request, await gateway.store.account.credits(principal.user_id))
+        if stored is None:
+            raise BadGateway(f"The credits could not be read: {exc}. Try again shortly.") from None
+        return json_response({"data": stored}, headers={
+            "x-credits-stale": "true", "warning": '110 - "Response is Stale: the last synced credits"'})
+    synced_at = await gateway.store.account.put_credits(
+        principal.user_id, total_credits=found.total_credits, total_usage=found.total_usage, source=found.source
+    )
+    return json_response({"data": credits_view(found.total_credits, found.total_usage, source=found.source,
+                                               threshold=_threshold(request), synced_at=synced_at)})
+
+
+async def sync(request: Request) -> Response:
+    principal = await principal_of(request)
+    gateway = gateway_of(request)
+    await gateway.credit_sync.sync_user(principal.user_id)
+    return json_response({"data": _stored_view(request, await gateway.store.account.credits(principal.user_id))})
+
+
+# -- the account -------------------------------------------------------------------
+
+
+def _month_start(now: float) -> str:
+    start = datetime.fromtimestamp(now, timezone.utc).replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+    return iso(start.timestamp())
+
+
+async def account(request: Request) -> Response:
+    principal = await principal_of(request)
+    gateway = gateway_of(request)
+    user_id = principal.user_id
+    key = principal.key
+    row = await gateway.store.account.credits(user_id)
+    usage = None
+    if hasattr(gateway.store, "usage"):
+        since = _month_start(gateway.clock())
+        spent = await gateway.store.usage.spend_since(since, user_id=user_id)
+        usage = {"since": since, "total_cost": spent.get(user_id, Decimal(0))}
+    try:
+        snapshot = await gateway.catalog.get()
+        free: dict[str, Any] | None = {"count": len(snapshot.free), "data": snapshot.free,
+                                       "cached_at": iso(snapshot.fetched_at)}
+    except CatalogUnavailable:
+        free = None
+    return json_response({
+        "user_id": user_id,
+        "tier": principal.tier,
+        "status": principal.status,
+        "key": {"connected": False} if key is None else {
+            "connected": True, "kind": key.kind, "label": masked(key.last4), "last4": key.last4,
+            "disabled": key.disabled},
+        "credits": _stored_view(request, row),
+        "last_synced": row["synced_at"] if row else None,
+        "sync_error": row["error"] if row else None,
+        "usage_this_month": usage,
+        "free_models": free,
+        "settings": gateway.user_settings.get(user_id).public(),
+    })
+
+
+async def openrouter_key(request: Request) -> Response:
+    """PUT: connect the caller's own key (verified upstream first); DELETE: remove whichever key they have."""
+    principal = await principal_of(request)
+    gateway = gateway_of(request)
+    user_id = principal.user_id
+    actor = f"user:{user_id}"
+    if request.method == "PUT":
+        body = await json_body(request)
+        only_fields(body, ("api_key",))
+        previous = principal.key.kind if principal.key else None
+        described = await connect_byok(gateway.store, gateway.vault, gateway.upstream, user_id, body.get("api_key"))
+        gateway.auth.forget_user(user_id)
+        await gateway.store.audit.append(actor=actor, action="key.byok.set", user_id=user_id,
+                                         details={"last4": described["last4"], "replaced": previous})
+        return json_response({"key": {"connected": True, "kind": "byok", "label": masked(described["last4"]),
+                                      "last4": described["last4"], "disabled": False}})
+    remover = getattr(gateway, "remove_openrouter_key", None)
+    if remover is not None:  # managed keys are deleted upstream too (provisioning installs this)
+        removed = await remover(user_id, actor=actor)
+    else:
+        row = await gateway.store.keys.get(user_id)
+        removed = row is not None and await gateway.store.keys.delete(user_id)
+        if removed:
+            await gateway.store.audit.append(actor=actor, action="key.delete", user_id=user_id,
+                                             details={"kind": row["kind"], "last4": row["last4"]})
+    gateway.auth.forget_user(user_id)
+    if not removed:
+        raise NotFound("No OpenRouter key is connected to your account.")
+    return Response(status_code=204)
+
+
+# -- settings ----------------------------------------------------------------------
+
+
+async def settings(request: Request) -> Response:
+    principal = await principal_of(request)
+    book = gateway_of(request).user_settings
+    if request.method == "PUT":
+        changes = validate_changes(await json_body(request))
+        return json_response((await book.update(principal.user_id, changes)).public())
+    return json_response(book.get(principal.user_id).public())
+
+
+routes: list[BaseRoute] = [
+    *mirrored("/credits", credits, ["GET"]),
+    *mirrored("/account", account, ["GET"]),
+    *mirrored("/account/openrouter-key", openrouter_key, ["PUT", "DELETE"]),
+    *mirrored("/account/sync", sync, ["POST"]),
+    *mirrored("/settings", settings, ["GET", "PUT"]),
+]

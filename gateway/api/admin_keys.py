@@ -1,0 +1,58 @@
+"""Managed OpenRouter keys and credit sync for the admin: /admin/v1/users/{id}/managed-key…, /admin/v1/credits/sync."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import BaseRoute, Route
+
+from gateway.api.common import gateway_of, json_body, json_response, only_fields
+
+PREFIX = "/admin/v1"
+
+
+def _provisioner(request: Request) -> Any:
+    gateway = gateway_of(request)
+    gateway.admin.check(request.headers.get("authorization"))
+    return gateway.provisioning
+
+
+async def managed_key(request: Request) -> Response:
+    provisioner = _provisioner(request)
+    user_id = request.path_params["user_id"]
+    empty = request.method == "POST" and not request.headers.get("content-type") and not await request.body()
+    body = {} if empty else await json_body(request)  # POST's body is optional: {} = the tier's default limit
+    if request.method == "POST":
+        only_fields(body, ("limit_usd",))
+        described = await provisioner.provision(user_id, actor="admin", **body)
+        return json_response(described, status=201)
+    only_fields(body, ("limit_usd", "disabled"))
+    return json_response(await provisioner.update(user_id, body, actor="admin"))
+
+
+async def rotate_managed_key(request: Request) -> Response:
+    provisioner = _provisioner(request)
+    return json_response(await provisioner.rotate(request.path_params["user_id"], actor="admin"))
+
+
+async def sync_credits(request: Request) -> Response:
+    """Sync every user's credits now: the report if done within 10 s, else 202 with the progress so far."""
+    import asyncio
+
+    gateway = gateway_of(request)
+    gateway.admin.check(request.headers.get("authorization"))
+    run = gateway.credit_sync.start()
+    try:
+        report = await asyncio.wait_for(asyncio.shield(run), 10)
+    except asyncio.TimeoutError:
+        return json_response({"status": "running", **gateway.credit_sync.current.public()}, status=202)
+    return json_response({"status": "done", **report.public()})
+
+
+routes: list[BaseRoute] = [
+    Route(PREFIX + "/users/{user_id}/managed-key", managed_key, methods=["POST", "PATCH"]),
+    Route(PREFIX + "/users/{user_id}/managed-key/rotate", rotate_managed_key, methods=["POST"]),
+    Route(PREFIX + "/credits/sync", sync_credits, methods=["POST"]),
+]

@@ -1,0 +1,105 @@
+"""What every handler shares: the gateway object, strict JSON bodies, JSON responses."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Iterable
+
+import orjson
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import BaseRoute, Route
+
+from gateway.core.errors import (
+    BadRequest,
+    GatewayError,
+    PayloadTooLarge,
+    UnsupportedMediaType,
+)
+from gateway.core.money import dumps
+
+if TYPE_CHECKING:
+    from gateway.app import Gateway
+    from gateway.auth.tokens import Principal
+
+
+def gateway_of(request: Request) -> "Gateway":
+    return request.app.state.gateway
+
+
+def json_response(payload: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(dumps(payload), status_code=status, media_type="application/json", headers=headers)
+
+
+def error_response(error: GatewayError, request: Request | None = None) -> Response:
+    headers = dict(error.headers)
+    if request is not None and "request_id" in request.scope.get("state", {}):
+        headers["x-request-id"] = request.scope["state"]["request_id"]
+    return Response(error.body(), status_code=error.status, media_type="application/json", headers=headers)
+
+
+async def json_body(request: Request, *, max_bytes: int = 1 << 20) -> dict[str, Any]:
+    content_type = request.headers.get("content-type", "")
+    if content_type.split(";", 1)[0].strip().lower() != "application/json":
+        raise UnsupportedMediaType(f"Content-Type must be application/json (got {content_type or 'none'}).")
+    raw = await request.body()
+    if len(raw) > max_bytes:
+        raise PayloadTooLarge(f"The request body is over {max_bytes} bytes.")
+    try:
+        body = orjson.loads(raw) if raw else {}
+    except orjson.JSONDecodeError as exc:
+        raise BadRequest(f"The request body is not valid JSON: {exc}.") from None
+    if not isinstance(body, dict):
+        raise BadRequest("The request body must be a JSON object.")
+    return body
+
+
+def only_fields(body: dict[str, Any], allowed: Iterable[str]) -> None:
+    allowed = set(allowed)
+    for name in body:
+        if name not in allowed:
+            raise BadRequest(
+                f"Unknown field {name!r}; allowed fields are: {', '.join(sorted(allowed))}.", param=name
+            )
+
+
+def field_of(body: dict[str, Any], name: str, kind: type | tuple[type, ...], *, required: bool = False,
+             nullable: bool = True) -> Any:
+    if name not in body or (body[name] is None and nullable and not required):
+        if required:
+            raise BadRequest(f"Field {name!r} is required.", param=name)
+        return None
+    value = body[name]
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    if isinstance(value, bool) and bool not in kinds:
+        raise BadRequest(f"Field {name!r} must be {_names(kinds)}, not a boolean.", param=name)
+    if not isinstance(value, kinds):
+        raise BadRequest(f"Field {name!r} must be {_names(kinds)}, got {type(value).__name__}.", param=name)
+    return value
+
+
+def _names(kinds: tuple[type, ...]) -> str:
+    names = {str: "a string", int: "an integer", float: "a number", bool: "a boolean", list: "a list", dict: "an object"}
+    return " or ".join(names.get(k, k.__name__) for k in kinds)
+
+
+def query_int(request: Request, name: str, default: int, *, low: int, high: int) -> int:
+    raw = request.query_params.get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise BadRequest(f"Query parameter {name!r} must be an integer, got {raw!r}.", param=name) from None
+    if not low <= value <= high:
+        raise BadRequest(f"Query parameter {name!r} must be between {low} and {high}.", param=name)
+    return value
+
+
+async def principal_of(request: Request) -> "Principal":
+    """The caller of a client-API route, from the same cached path as the proxy."""
+    return await gateway_of(request).auth.authenticate(request.headers.get("authorization"))
+
+
+def mirrored(path: str, endpoint: Any, methods: list[str]) -> list[BaseRoute]:
+    """The same handler under /v1 (OpenAI SDKs) and /api/v1 (OpenRouter SDKs)."""
+    return [Route("/v1" + path, endpoint, methods=methods), Route("/api/v1" + path, endpoint, methods=methods)]

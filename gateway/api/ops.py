@@ -1,0 +1,48 @@
+"""Liveness and readiness."""
+
+from __future__ import annotations
+
+import asyncio
+
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from gateway.api.common import gateway_of, json_response
+from gateway.upstream.client import UpstreamConnectionError
+
+
+async def health(request: Request) -> Response:
+    return json_response({"status": "ok"})
+
+
+async def ready(request: Request) -> Response:
+    """Ready when the database answers and the upstream is reachable (any HTTP answer counts)."""
+    gateway = gateway_of(request)
+    checks: dict[str, str] = {}
+    try:
+        await asyncio.wait_for(gateway.store.db.fetchone("SELECT 1 AS one"), 2)
+        checks["database"] = "ok"
+    except Exception as exc:  # noqa: BLE001 - reported, not raised
+        checks["database"] = f"error: {type(exc).__name__}"
+    try:
+        response = await asyncio.wait_for(gateway.upstream.open("GET", "/models?limit=1", key="", retries=0), 5)
+        await response.close()
+        checks["upstream"] = "ok"
+    except (UpstreamConnectionError, asyncio.TimeoutError) as exc:
+        checks["upstream"] = f"error: {type(exc).__name__}"
+    ok = all(v == "ok" for v in checks.values())
+    return json_response({"status": "ok" if ok else "unavailable", "checks": checks}, status=200 if ok else 503)
+
+
+async def metrics(request: Request) -> Response:
+    """Prometheus text format; unauthenticated like /health (expose it on a private network)."""
+    gateway = gateway_of(request)
+    return Response(gateway.metrics.render(), media_type="text/plain; version=0.0.4")
+
+
+routes = [
+    Route("/metrics", metrics, methods=["GET"]),
+    Route("/health", health, methods=["GET"]),
+    Route("/health/ready", ready, methods=["GET"]),
+]

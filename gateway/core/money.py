@@ -1,0 +1,89 @@
+"""Money rules in one place: Decimal parsing and the tier markup.
+
+Money is `decimal.Decimal` from parsing to storage to reports; a float never touches it.
+"""
+
+from __future__ import annotations
+
+from decimal import ROUND_HALF_EVEN, Decimal, InvalidOperation
+from typing import Any
+
+import orjson
+
+from gateway.core.config import TierConfig
+
+ZERO = Decimal(0)
+FREE_MODEL_REASON = "free_model"
+PICO = Decimal(10) ** 12
+
+
+def to_decimal(value: Any) -> Decimal | None:
+    """Decimal from upstream JSON (already Decimal or int) or stored text; floats are refused."""
+    if value is None or isinstance(value, bool):
+        return None
+    if isinstance(value, float):
+        raise TypeError("money must not pass through float; parse JSON with parse_float=Decimal")
+    try:
+        result = Decimal(value) if isinstance(value, (int, Decimal)) else Decimal(str(value))
+    except InvalidOperation:
+        return None
+    return result if result.is_finite() else None
+
+
+def markup_for(provider_cost: Decimal, tier_name: str, tier: TierConfig, *, free: bool) -> tuple[Decimal, str]:
+    """`provider_cost × markup_pct / 100` and its reason; free models always carry no markup."""
+    if free:
+        return ZERO, FREE_MODEL_REASON
+    pct = tier.markup_pct
+    return provider_cost * pct / 100, f"{tier_name}_tier_{pct.normalize():f}pct"
+
+
+def charged(provider_cost: Decimal, tier: TierConfig, *, free: bool) -> Decimal:
+    """What the user pays: provider cost plus markup (what budgets count)."""
+    return ZERO if free else provider_cost + provider_cost * tier.markup_pct / 100
+
+
+def to_pico(amount: Decimal, rounding: str = ROUND_HALF_EVEN) -> int:
+    """Whole picodollars (10⁻¹² USD), the unit the limit counters add in.
+
+    Counters add integers (exact, and far cheaper than Decimal on the request path, or atomic
+    in Redis); charges round half-even, reservations round up (`ROUND_CEILING`) so none holds
+    less than its estimate. Records, reports and bills stay exact Decimal."""
+    return int((amount * PICO).to_integral_value(rounding))
+
+
+def from_pico(value: Any) -> Decimal:
+    """Decimal dollars from whole picodollars (an int, or its text as Redis returns it)."""
+    return Decimal(int(value or 0)) / PICO
+
+
+def dumps(payload: Any) -> bytes:
+    """JSON with Decimals written as exact numbers (never through float): API bodies and upstream payloads."""
+    body = orjson.dumps(payload, default=_mark)
+    if b'"\\u0000D:' in body:
+        body = _unmark(body)
+    return body
+
+
+_MARK = "\x00D:"
+
+
+def _mark(value: Any) -> Any:
+    if isinstance(value, Decimal):
+        return _MARK + format(value, "f")
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+def _unmark(body: bytes) -> bytes:
+    out = []
+    start = 0
+    token = b'"\\u0000D:'
+    while True:
+        index = body.find(token, start)
+        if index < 0:
+            out.append(body[start:])
+            return b"".join(out)
+        end = body.index(b'"', index + len(token))
+        out.append(body[start:index])
+        out.append(body[index + len(token) : end])
+        start = end + 1

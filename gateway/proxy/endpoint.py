@@ -1,0 +1,450 @@
+"""The completions path: admit → forward → pass the response through, observing it.
+
+Written as a raw ASGI endpoint because it is the hot path: one JSON parse of the request
+body, none of a streamed response, no per-request objects a cached one can serve. The
+checks run cheapest first (SPEC §6). Limits and accounting plug in through two small
+protocols (`Admission`, `Recorder`) so this module never imports them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any, Awaitable, Callable, Protocol
+
+import orjson
+
+from gateway.auth.tokens import Authenticator, Principal
+from gateway.core.errors import (
+    BadGateway,
+    BadRequest,
+    Forbidden,
+    GatewayError,
+    PayloadTooLarge,
+    PaymentRequired,
+    ServiceUnavailable,
+    UnsupportedMediaType,
+    upstream_error_body,
+)
+from gateway.proxy.sse import Observation, StreamObserver, observe_body
+from gateway.upstream.client import UpstreamClient, UpstreamConnectionError, UpstreamResponse
+
+log = logging.getLogger("gateway.proxy.endpoint")
+
+Scope = dict[str, Any]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+
+# Request headers a client may pass on to OpenRouter; everything else (its platform token
+# above all) stays here.
+FORWARDED_REQUEST_HEADERS = frozenset(
+    {
+        b"accept",
+        b"http-referer",
+        b"x-title",
+        b"x-openrouter-title",
+        b"x-openrouter-categories",
+        b"x-openrouter-metadata",
+        b"x-openrouter-experimental-metadata",
+        b"x-session-id",
+        b"user-agent",
+    }
+)
+# Response headers never passed back: hop-by-hop, framing we redo, and anything with a key.
+DROPPED_RESPONSE_HEADERS = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "trailers",
+        "transfer-encoding",
+        "upgrade",
+        "content-length",
+        "set-cookie",
+        "authorization",
+        "x-api-key",
+        "server",
+        "date",
+        "x-request-id",  # ours identifies the request; a second one would confuse the client
+    }
+)
+NO_KEY_MESSAGE = (
+    "No OpenRouter key is connected to your account. Add yours with "
+    "`PUT /v1/account/openrouter-key {\"api_key\": \"sk-or-...\"}`, or ask your admin to provision one."
+)
+
+
+@dataclass(slots=True)
+class ProxyRequest:
+    """A parsed, admitted request on its way upstream."""
+
+    endpoint: str  # "/chat/completions", "/completions", "/embeddings"
+    body: dict[str, Any]
+    raw: bytes
+    model: str | None
+    stream: bool
+    started: float
+    request_id: str
+    cancelled: bool = False
+    status: int = 0
+    first_byte: float | None = None
+    ended: float | None = None
+    charged: Decimal | None = None  # what accounting recorded as the user's charge (set by the Recorder) …
+    tokens: int = 0  # … and as its prompt + completion tokens
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Ticket(Protocol):
+    """What admission hands back: a release once the outcome is known."""
+
+    def release(self, observation: Observation | None) -> None: ...
+
+
+class Admission(Protocol):
+    """Admits a request or raises the refusal. An admission that never waits may also offer
+    `admit_now`, the same as a plain method, and the proxy then calls that (no coroutine)."""
+
+    async def admit(self, principal: Principal, request: ProxyRequest) -> Ticket: ...
+
+
+class Recorder(Protocol):
+    def record(self, principal: Principal, request: ProxyRequest, observation: Observation) -> None:
+        """Called once per forwarded request that reached the upstream; must not block.
+
+        Sets `request.charged` and `request.tokens` when it records a charge, before the ticket
+        is released (the limits count those very amounts)."""
+
+
+class BodyPreparer(Protocol):
+    def prepare(self, principal: Principal, request: ProxyRequest) -> bytes:
+        """The bytes to send upstream (the user's defaults may fill absent fields).
+
+        Called once, before admission, so limits see what goes upstream: a preparer that
+        fills fields also updates `request.body` and `request.model`."""
+
+
+class _Open:
+    __slots__ = ()
+
+    def release(self, observation: Observation | None) -> None:
+        return None
+
+
+class OpenAdmission:
+    """No limits: used until limits are configured, and in tests of the proxy alone."""
+
+    async def admit(self, principal: Principal, request: ProxyRequest) -> Ticket:
+        return _Open()
+
+    def admit_now(self, principal: Principal, request: ProxyRequest) -> Ticket:
+        return _Open()
+
+
+class DiscardRecorder:
+    def record(self, principal: Principal, request: ProxyRequest, observation: Observation) -> None:
+        return None
+
+
+class AsSent:
+    def prepare(self, principal: Principal, request: ProxyRequest) -> bytes:
+        return request.raw
+
+
+@dataclass(slots=True)
+class StreamInFlight:
+    user_id: str
+    model: str | None
+    started_at: float
+    observation: Observation
+
+
+class EmergencyStop:
+    """The switch every instance reads before proxying; kept fresh by the app's poller."""
+
+    __slots__ = ("enabled", "reason")
+
+    def __init__(self) -> None:
+        self.enabled = False
+        self.reason: str | None = None
+
+
+class ProxyEndpoint:
+    def __init__(
+        self,
+        endpoint: str,
+        *,
+        auth: Authenticator,
+        upstream: UpstreamClient,
+        stop: EmergencyStop,
+        max_body_bytes: int,
+        attribution: dict[str, str],
+        admission: Admission | None = None,
+        recorder: Recorder | None = None,
+        preparer: BodyPreparer | None = None,
+        streams: dict[str, StreamInFlight] | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.endpoint = endpoint
+        self.auth = auth
+        self.upstream = upstream
+        self.stop = stop
+        self.max_body_bytes = max_body_bytes
+        self.attribution = {k.lower(): v for k, v in attribution.items() if v}
+        self.admission = admission or OpenAdmission()
+        self._admit_now: Callable[[Principal, ProxyRequest], Ticket] | None = getattr(
+            self.admission, "admit_now", None)
+        self.recorder = recorder or DiscardRecorder()
+        self.preparer = preparer or AsSent()
+        self.streams = streams if streams is not None else {}
+        self.clock = clock
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        request_id = _request_id(scope)
+        started = self.clock()
+        try:
+            principal, request, ticket = await self._admit(scope, receive, request_id, started)
+        except GatewayError as error:
+            await send_error(send, error, request_id)
+            return
+        observation = Observation()
+        try:
+            await self._forward(scope, receive, send, principal, request, observation)
+        finally:
+            ticket.release(observation if request.status else None)
+
+    # -- admission ------------------------------------------------------------
+
+    async def _admit(
+        self, scope: Scope, receive: Receive, request_id: str, started: float
+    ) -> tuple[Principal, ProxyRequest, Ticket]:
+        headers = scope["headers"]
+        authorization = content_type = content_length = None
+        for name, value in headers:
+            if name == b"authorization":
+                authorization = value.decode("latin-1")
+            elif name == b"content-type":
+                content_type = value
+            elif name == b"content-length":
+                content_length = value
+        principal = await self.auth.authenticate(authorization)
+        if self.stop.enabled:
+            raise ServiceUnavailable(
+                "The gateway is in emergency stop: no requests are forwarded"
+                + (f" (reason: {self.stop.reason})." if self.stop.reason else ".")
+                + " Try again later.",
+                headers={"retry-after": "30"},
+            )
+        if principal.status != "active":
+            raise Forbidden("Your account is suspended; contact the platform's admin.")
+        if principal.key is None:
+            raise PaymentRequired(NO_KEY_MESSAGE)
+        if principal.key.disabled:
+            raise PaymentRequired("Your OpenRouter key is disabled by the admin; ask them to enable it.")
+        if content_type is None or not content_type.split(b";", 1)[0].strip().lower() == b"application/json":
+            raise UnsupportedMediaType(
+                "Content-Type must be application/json "
+                f"(got {content_type.decode('latin-1') if content_type else 'none'})."
+            )
+        raw = await read_body(receive, content_length, self.max_body_bytes)
+        try:
+            body = orjson.loads(raw)
+        except orjson.JSONDecodeError as exc:
+            raise BadRequest(f"The request body is not valid JSON: {exc}.") from None
+        if not isinstance(body, dict):
+            raise BadRequest("The request body must be a JSON object.")
+        model = body.get("model")
+        if model is not None and not isinstance(model, str):
+            raise BadRequest("`model` must be a string such as \"openai/gpt-4o-mini\".", param="model")
+        stream = body.get("stream")
+        if stream is not None and not isinstance(stream, bool):
+            # A truthy non-boolean would make OpenRouter stream what we would treat as JSON.
+            raise BadRequest("`stream` must be true or false (a JSON boolean).", param="stream")
+        request = ProxyRequest(
+            endpoint=self.endpoint,
+            body=body,
+            raw=raw,
+            model=model,
+            stream=stream is True,
+            started=started,
+            request_id=request_id,
+        )
+        # The user's defaults fill absent fields before limits see the request (model, max_tokens).
+        request.raw = self.preparer.prepare(principal, request)
+        if self._admit_now is not None:
+            return principal, request, self._admit_now(principal, request)
+        return principal, request, await self.admission.admit(principal, request)
+
+    # -- forwarding -----------------------------------------------------------
+
+    def _upstream_headers(self, scope: Scope) -> dict[str, str]:
+        headers = {"content-type": "application/json", "accept-encoding": "identity"}
+        for name, value in scope["headers"]:
+            if name in FORWARDED_REQUEST_HEADERS:
+                headers[name.decode("latin-1")] = value.decode("latin-1")
+        for name, value in self.attribution.items():
+            if name == "x-openrouter-title" and ("x-title" in headers or name in headers):
+                continue
+            headers.setdefault(name, value)
+        return headers
+
+    async def _forward(
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        principal: Principal,
+        request: ProxyRequest,
+        observation: Observation,
+    ) -> None:
+        assert principal.key is not None
+        body = request.raw  # prepared in _admit
+        try:
+            response = await self.upstream.open(
+                "POST", self.endpoint, key=principal.key.secret, body=body, headers=self._upstream_headers(scope)
+            )
+        except UpstreamConnectionError as exc:
+            await send_error(send, BadGateway(f"OpenRouter could not be reached: {exc}. Try again."), request.request_id)
+            return
+        request.status = response.status
+        request.first_byte = self.clock()
+        generation_id = None
+        out_headers = [(b"x-request-id", request.request_id.encode())]
+        for name, value in response.headers:
+            if name not in DROPPED_RESPONSE_HEADERS:
+                out_headers.append((name.encode("latin-1"), value.encode("latin-1")))
+            if name == "x-generation-id":
+                generation_id = value
+        observation.generation_id = generation_id
+        is_sse = any(n == "content-type" and v.startswith("text/event-stream") for n, v in response.headers)
+        try:
+            if response.status == 200 and is_sse:
+                await self._pass_stream(receive, send, principal, request, response, out_headers, observation)
+            else:
+                await self._pass_body(send, request, response, out_headers, observation)
+        finally:
+            await response.close()
+            request.ended = self.clock()
+            if response.status == 200 or observation.generation_id:
+                self.recorder.record(principal, request, observation)
+
+    async def _pass_body(
+        self,
+        send: Send,
+        request: ProxyRequest,
+        response: UpstreamResponse,
+        headers: list[tuple[bytes, bytes]],
+        observation: Observation,
+    ) -> None:
+        try:
+            raw = await response.read()
+        except UpstreamConnectionError as exc:
+            request.status = 502
+            await send_error(send, BadGateway(f"OpenRouter broke off the response: {exc}."), request.request_id)
+            return
+        if response.status >= 400:
+            raw = upstream_error_body(response.status, raw)
+            headers = [(n, v) for n, v in headers if n != b"content-type"]
+            headers.append((b"content-type", b"application/json"))
+        else:
+            observe_body(raw, observation)
+        headers.append((b"content-length", str(len(raw)).encode()))
+        await send({"type": "http.response.start", "status": response.status, "headers": headers})
+        await send({"type": "http.response.body", "body": raw})
+
+    async def _pass_stream(
+        self,
+        receive: Receive,
+        send: Send,
+        principal: Principal,
+        request: ProxyRequest,
+        response: UpstreamResponse,
+        headers: list[tuple[bytes, bytes]],
+        observation: Observation,
+    ) -> None:
+        """Write each chunk as it arrives; a client that goes away closes the upstream at once."""
+        observer = StreamObserver(observation)
+        stream_id = request.request_id
+        self.streams[stream_id] = StreamInFlight(principal.user_id, request.model, request.started, observation)
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        pump = asyncio.create_task(_pump(send, response, observer))
+        watcher = asyncio.create_task(_wait_disconnect(receive))
+        try:
+            done, _ = await asyncio.wait((pump, watcher), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (pump, watcher):
+                if not task.done():
+                    task.cancel()
+            await asyncio.gather(pump, watcher, return_exceptions=True)
+            self.streams.pop(stream_id, None)
+            observer.finish()
+        if pump not in done:
+            request.cancelled = True
+            return
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+async def _pump(send: Send, response: UpstreamResponse, observer: StreamObserver) -> None:
+    try:
+        async for chunk in response.chunks():
+            observer.feed(chunk)
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+    except UpstreamConnectionError as exc:
+        # Bytes already reached the client: the stream just ends; accounting still sees it.
+        log.warning("upstream stream broke mid-way: %s", exc)
+
+
+async def _wait_disconnect(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+async def read_body(receive: Receive, content_length: bytes | None, limit: int) -> bytes:
+    """The whole request body, refusing (without reading it all) anything over `limit` bytes."""
+    if content_length is not None:
+        try:
+            declared = int(content_length)
+        except ValueError:
+            raise BadRequest("Content-Length is not a number.") from None
+        if declared > limit:
+            raise PayloadTooLarge(f"The request body is {declared} bytes; the limit is {limit} (server.max_body_bytes).")
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise BadRequest("The client went away before sending the whole body.")
+        chunk = message.get("body", b"")
+        if chunk:
+            size += len(chunk)
+            if size > limit:
+                raise PayloadTooLarge(f"The request body is over {limit} bytes (server.max_body_bytes).")
+            chunks.append(chunk)
+        if not message.get("more_body", False):
+            break
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+def _request_id(scope: Scope) -> str:
+    state = scope.get("state")
+    if isinstance(state, dict) and "request_id" in state:
+        return state["request_id"]
+    return "req_" + secrets.token_hex(8)
+
+
+async def send_error(send: Send, error: GatewayError, request_id: str) -> None:
+    body = error.body()
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        (b"x-request-id", request_id.encode()),
+    ]
+    headers.extend((k.lower().encode(), str(v).encode()) for k, v in error.headers.items())
+    await send({"type": "http.response.start", "status": error.status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
