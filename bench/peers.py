@@ -34,7 +34,14 @@ import yaml
 from bench import load
 from bench.__main__ import FULL, Bench, busy_cores, choose_generator
 from bench.servers import (
-    BACK_CPU, BENCH_KEY, FRONT_CPU, ROOT, Server, free_port, start_gateway, start_upstream,
+    BACK_CPU,
+    BENCH_KEY,
+    FRONT_CPU,
+    ROOT,
+    Server,
+    free_port,
+    start_gateway,
+    start_upstream,
 )
 from bench.upstream import MODEL
 

@@ -20,30 +20,30 @@ from starlette.applications import Starlette
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 
-from gateway.auth.tokens import AdminAuth, Authenticator
+from gateway.accounts.directory import Directory
+from gateway.api.common import error_response
+from gateway.auth.admin import AdminAuth
+from gateway.auth.tokens import Authenticator
 from gateway.catalog import Catalog
 from gateway.core.clock import Clock, system_clock
 from gateway.core.config import Config
-from gateway.accounts.directory import Directory
 from gateway.core.errors import GatewayError
 from gateway.core.metrics import Metrics, route_label
-from gateway.proxy.endpoint import (
+from gateway.proxy.endpoint import ProxyEndpoint, send_error
+from gateway.proxy.stop import EmergencyStop
+from gateway.proxy.types import (
     Admission,
     AsSent,
     BodyPreparer,
     DiscardRecorder,
-    EmergencyStop,
     OpenAdmission,
-    ProxyEndpoint,
     Recorder,
     StreamInFlight,
-    send_error,
 )
-from gateway.api.common import error_response
 from gateway.security.secret_files import admin_token_hash, management_key
+from gateway.security.vault import Vault
 from gateway.store import Store
 from gateway.upstream.client import Transport, UpstreamClient, make_transport
-from gateway.security.vault import Vault
 
 log = logging.getLogger("gateway")
 access_log = logging.getLogger("gateway.access")

@@ -5,8 +5,8 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-from gateway.core.errors import GatewayError
 from gateway.accounts.byok import connect_byok
+from gateway.core.errors import GatewayError
 
 DEMO_USER = "demo"
 

@@ -9,18 +9,9 @@ from typing import Any
 import orjson
 import pytest
 
-from gateway.accounting.ledger import Ledger, build_record
-from gateway.auth.tokens import Principal, ProviderKey
-from gateway.core.config import Config, TierConfig
-from gateway.core.errors import BadRequest
 from gateway.accounting.generations import parse_generation_id, stats_from_record
-from gateway.core.money import markup_for
-from gateway.proxy.endpoint import ProxyRequest
-from gateway.accounting.settlement import Settler
-from gateway.proxy.sse import Observation, observe_body
-from gateway.store import Store
-from gateway.store.usage import COLUMNS, PENDING, SETTLED, UNSETTLED
-from gateway.upstream.client import UpstreamConnectionError
+from gateway.accounting.ledger import Ledger
+from gateway.accounting.record import build_record
 from gateway.accounting.reports import (
     aggregate,
     choice,
@@ -28,6 +19,16 @@ from gateway.accounting.reports import (
     report_csv,
     usage_report,
 )
+from gateway.accounting.settlement import Settler
+from gateway.auth.tokens import Principal, ProviderKey
+from gateway.core.config import Config, TierConfig
+from gateway.core.errors import BadRequest
+from gateway.core.money import markup_for
+from gateway.proxy.sse import Observation, observe_body
+from gateway.proxy.types import ProxyRequest
+from gateway.store import Store
+from gateway.store.usage import COLUMNS, PENDING, SETTLED, UNSETTLED
+from gateway.upstream.client import UpstreamConnectionError
 
 T0 = 1_767_225_600.0  # 2026-01-01T00:00:00Z, a Thursday
 

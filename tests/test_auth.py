@@ -10,13 +10,14 @@ from typing import Any, AsyncIterator
 import pytest
 from cryptography.fernet import Fernet
 
-from gateway.auth.tokens import AdminAuth, Authenticator, bearer
-from gateway.core.config import Config
 from gateway.accounts.directory import Directory
+from gateway.auth.admin import AdminAuth
+from gateway.auth.tokens import Authenticator, bearer
+from gateway.core.config import Config
 from gateway.core.errors import Unauthorized
+from gateway.security.vault import Vault
 from gateway.store import Store
 from gateway.store.database import Database
-from gateway.security.vault import Vault
 
 pytestmark = pytest.mark.anyio
 KEY = "sk-or-v1-" + "a1b2c3d4" * 8

@@ -10,10 +10,15 @@ import pytest
 from cryptography.fernet import Fernet
 
 from gateway.accounts.credit_sync import CreditSync, Pacer
-from gateway.upstream.credits import CreditsUnavailable, KeyRejected, credits_view, fetch_credits
+from gateway.security.vault import Vault
 from gateway.store import Store
 from gateway.upstream.client import UpstreamConnectionError
-from gateway.security.vault import Vault
+from gateway.upstream.credits import (
+    CreditsUnavailable,
+    KeyRejected,
+    credits_view,
+    fetch_credits,
+)
 
 
 class FakeUpstream:

@@ -19,15 +19,20 @@ from gateway.catalog import ModelPrice
 from gateway.core.config import Config
 from gateway.core.errors import PaymentRequired, RateLimited
 from gateway.core.money import PICO, charged, to_pico
-from gateway.limits.limiter import (
-    SMALL_BODY_BYTES, Limiter, Limits, Quote, Refusal, completion_tokens_cap, estimate_cost, first_refusal,
+from gateway.core.windows import SlidingWindow, period_end, period_id
+from gateway.limits.estimates import (
+    SMALL_BODY_BYTES,
+    Quote,
+    completion_tokens_cap,
+    estimate_cost,
     prompt_tokens_bound,
 )
 from gateway.limits.in_memory import MemoryCounters
 from gateway.limits.in_redis import RedisCounters
-from gateway.proxy.endpoint import ProxyRequest
+from gateway.limits.limiter import Limiter
+from gateway.limits.policy import Limits, Refusal, first_refusal
 from gateway.proxy.sse import Observation
-from gateway.core.windows import SlidingWindow, period_end, period_id
+from gateway.proxy.types import ProxyRequest
 
 # 2025-03-10 is a Monday; 12:00:30 UTC leaves room before every boundary the tests cross on purpose.
 T0 = datetime(2025, 3, 10, 12, 0, 30, tzinfo=timezone.utc).timestamp()

@@ -12,17 +12,21 @@ import httpx
 import pytest
 from cryptography.fernet import Fernet
 
-from gateway.core.config import Config
-from openrouter_emulator.app import DEMO_MANAGEMENT_KEY, create_emulator_app
-from openrouter_emulator.state import EmulatorState, Plan
-from gateway.core.errors import GatewayError
-from gateway.upstream.key_api import KeyApi
-from gateway.core.money import dumps
 from gateway.accounts.provisioning import Provisioner
+from gateway.core.config import Config
+from gateway.core.errors import GatewayError
+from gateway.core.money import dumps
+from gateway.security.vault import Vault
 from gateway.store import Store
 from gateway.store.managed_keys import ManagedKeyOperations
-from gateway.upstream.client import HttpxTransport, UpstreamClient, UpstreamConnectionError
-from gateway.security.vault import Vault
+from gateway.upstream.client import (
+    HttpxTransport,
+    UpstreamClient,
+    UpstreamConnectionError,
+)
+from gateway.upstream.key_api import KeyApi
+from openrouter_emulator.app import DEMO_MANAGEMENT_KEY, create_emulator_app
+from openrouter_emulator.state import EmulatorState, Plan
 
 BASE = "http://emulator.test/api/v1"
 

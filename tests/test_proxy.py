@@ -15,8 +15,11 @@ import pytest
 
 from gateway.auth.tokens import Principal, ProviderKey, bearer
 from gateway.core.errors import RateLimited, Unauthorized
-from gateway.proxy.endpoint import EmergencyStop, ProxyEndpoint, ProxyRequest, read_body
+from gateway.proxy.body import read_body
+from gateway.proxy.endpoint import ProxyEndpoint
 from gateway.proxy.sse import Observation
+from gateway.proxy.stop import EmergencyStop
+from gateway.proxy.types import ProxyRequest
 from gateway.upstream.client import UpstreamClient, UpstreamConnectionError
 
 BASE = "https://openrouter.test/api/v1"

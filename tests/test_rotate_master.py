@@ -15,8 +15,8 @@ from cryptography.fernet import Fernet
 from gateway.cli.main import main
 from gateway.core.clock import iso
 from gateway.security.master_rotation import rotate_master
-from gateway.store import Store
 from gateway.security.vault import Vault, parse_master_keys
+from gateway.store import Store
 
 COUNT = 1000
 

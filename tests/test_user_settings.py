@@ -8,16 +8,16 @@ from typing import Any
 import orjson
 import pytest
 
-from gateway.auth.tokens import Principal
-from gateway.core.errors import BadRequest
-from gateway.proxy.endpoint import ProxyRequest
-from gateway.store import Store
 from gateway.accounts.settings import (
     DefaultsPreparer,
     SettingsBook,
     UserSettings,
     validate_changes,
 )
+from gateway.auth.tokens import Principal
+from gateway.core.errors import BadRequest
+from gateway.proxy.types import ProxyRequest
+from gateway.store import Store
 
 PRINCIPAL = Principal(user_id="u1", token_id="t1", tier="starter", status="active", overrides={}, key=None)
 

@@ -30,10 +30,10 @@ from urllib.parse import quote
 
 import orjson
 
+from gateway.accounting.pacing import Pacer
 from gateway.core.clock import Clock, iso, parse_iso, system_clock
 from gateway.core.config import GenerationLookupConfig, TierConfig
 from gateway.core.money import markup_for, to_decimal
-from gateway.accounting.pacing import Pacer
 from gateway.store.usage import PENDING, SETTLED, UNSETTLED, Settlement, UsageRecord
 from gateway.upstream.client import UpstreamClient, UpstreamConnectionError
 

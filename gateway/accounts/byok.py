@@ -5,9 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 from gateway.core.errors import BadGateway, BadRequest, NotFound
+from gateway.security.vault import Vault, mask_key
 from gateway.store import Store
 from gateway.upstream.client import UpstreamClient, UpstreamConnectionError
-from gateway.security.vault import Vault, mask_key
 
 
 def check_key_format(api_key: Any) -> str:

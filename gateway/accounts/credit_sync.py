@@ -20,11 +20,11 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 from gateway.core.clock import Clock, iso, system_clock
-from gateway.upstream.credits import CreditsUnavailable, Pace, fetch_credits
 from gateway.core.errors import BadGateway, NotFound, PaymentRequired
+from gateway.security.vault import Vault, VaultError
 from gateway.store import Store
 from gateway.upstream.client import UpstreamClient
-from gateway.security.vault import Vault, VaultError
+from gateway.upstream.credits import CreditsUnavailable, Pace, fetch_credits
 
 if TYPE_CHECKING:
     import argparse

@@ -11,10 +11,10 @@ from datetime import datetime, timezone
 from decimal import Decimal, InvalidOperation
 from typing import Any, Callable
 
+from gateway.accounts.byok import describe_key
 from gateway.core.clock import Clock, iso, system_clock
 from gateway.core.config import Config
 from gateway.core.errors import BadRequest, Conflict, NotFound
-from gateway.accounts.byok import describe_key
 from gateway.store import Store
 from gateway.store.database import IntegrityError
 

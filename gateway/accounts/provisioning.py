@@ -34,14 +34,14 @@ import weakref
 from decimal import Decimal, InvalidOperation
 from typing import TYPE_CHECKING, Any, Callable
 
+from gateway.accounts.byok import describe_key
 from gateway.core.clock import Clock, parse_iso, system_clock
 from gateway.core.config import Config
 from gateway.core.errors import BadRequest, Conflict, NotFound
-from gateway.upstream.key_api import KeyApi, KeyApiError
-from gateway.accounts.byok import describe_key
+from gateway.security.vault import Vault, mask_key
 from gateway.store import Store
 from gateway.store.managed_keys import ManagedKeyOperations
-from gateway.security.vault import Vault, mask_key
+from gateway.upstream.key_api import KeyApi, KeyApiError
 
 if TYPE_CHECKING:
     from gateway.app import Gateway

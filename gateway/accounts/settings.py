@@ -30,7 +30,7 @@ from gateway.core.errors import BadRequest
 if TYPE_CHECKING:
     from gateway.app import Gateway
     from gateway.auth.tokens import Principal
-    from gateway.proxy.endpoint import ProxyRequest
+    from gateway.proxy.types import ProxyRequest
     from gateway.store import Store
 
 log = logging.getLogger("gateway.settings")

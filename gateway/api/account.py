@@ -15,13 +15,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute
 
-from gateway.auth.tokens import Principal
-from gateway.catalog import CatalogUnavailable
-from gateway.core.clock import iso
-from gateway.upstream.credits import CreditsUnavailable, KeyRejected, credits_view, fetch_credits
-from gateway.core.errors import BadGateway, NotFound, PaymentRequired
 from gateway.accounts.byok import connect_byok
-from gateway.proxy.endpoint import NO_KEY_MESSAGE
+from gateway.accounts.settings import validate_changes
 from gateway.api.common import (
     gateway_of,
     json_body,
@@ -30,7 +25,17 @@ from gateway.api.common import (
     only_fields,
     principal_of,
 )
-from gateway.accounts.settings import validate_changes
+from gateway.auth.tokens import Principal
+from gateway.catalog import CatalogUnavailable
+from gateway.core.clock import iso
+from gateway.core.errors import BadGateway, NotFound, PaymentRequired
+from gateway.proxy.endpoint import NO_KEY_MESSAGE
+from gateway.upstream.credits import (
+    CreditsUnavailable,
+    KeyRejected,
+    credits_view,
+    fetch_credits,
+)
 
 
 def masked(last4: str) -> str:

@@ -9,7 +9,6 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
-from gateway.core.errors import BadRequest, NotFound
 from gateway.accounts.byok import connect_byok
 from gateway.api.common import (
     field_of,
@@ -19,6 +18,7 @@ from gateway.api.common import (
     only_fields,
     query_int,
 )
+from gateway.core.errors import BadRequest, NotFound
 
 PREFIX = "/admin/v1"
 

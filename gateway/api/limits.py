@@ -14,9 +14,12 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute
 
+from gateway.api.common import gateway_of, json_response, mirrored, principal_of
 from gateway.auth.tokens import bearer
 from gateway.core.clock import iso
-from gateway.limits.limiter import (
+from gateway.core.money import ZERO
+from gateway.core.windows import expiry, period_end
+from gateway.limits.policy import (
     BUDGETS,
     HOUR_BUCKET_S,
     MINUTE_BUCKET_S,
@@ -24,10 +27,7 @@ from gateway.limits.limiter import (
     Snapshot,
     first_refusal,
 )
-from gateway.core.money import ZERO
-from gateway.api.common import gateway_of, json_response, mirrored, principal_of
 from gateway.store.tokens import display_prefix
-from gateway.core.windows import expiry, period_end
 
 RESET_INTERVAL = {"daily_budget_usd": "daily", "monthly_budget_usd": "monthly"}
 DEPRECATED_NOTE = "This field is deprecated and safe to ignore."

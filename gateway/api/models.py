@@ -13,10 +13,10 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute
 
+from gateway.api.common import gateway_of, json_response, mirrored, principal_of
 from gateway.catalog import MAX_PAGE_SIZE, CatalogUnavailable, Snapshot, page
 from gateway.core.clock import iso
 from gateway.core.errors import BadRequest, ServiceUnavailable
-from gateway.api.common import gateway_of, json_response, mirrored, principal_of
 
 
 def _paging_param(request: Request, name: str, low: int, high: int) -> int | None:

@@ -14,9 +14,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
-from gateway.core.errors import NotFound
 from gateway.accounting.generations import generation_view, parse_generation_id
-from gateway.api.common import gateway_of, json_response, mirrored, principal_of
 from gateway.accounting.reports import (
     API_FORMATS,
     GROUPS,
@@ -25,6 +23,8 @@ from gateway.accounting.reports import (
     report_csv,
     usage_report,
 )
+from gateway.api.common import gateway_of, json_response, mirrored, principal_of
+from gateway.core.errors import NotFound
 
 log = logging.getLogger("gateway.api.usage")
 

@@ -10,7 +10,6 @@ does not reach the database.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import hmac
 import logging
 from dataclasses import dataclass, field
@@ -20,10 +19,10 @@ from cachetools import LRUCache, TTLCache
 
 from gateway.core.clock import Clock, parse_iso, system_clock
 from gateway.core.errors import Unauthorized
+from gateway.security.vault import Vault, VaultError
 from gateway.store import Store
 from gateway.store.changes import WINDOW as FEED_WINDOW
 from gateway.store.tokens import hash_token
-from gateway.security.vault import Vault, VaultError
 
 log = logging.getLogger("gateway.auth.tokens")
 
@@ -227,19 +226,3 @@ def _invalid() -> Unauthorized:
     return Unauthorized("Invalid platform token: it is unknown or revoked. Ask your admin for a new one.")
 
 
-class AdminAuth:
-    """Checks the admin token against its SHA-256 in constant time."""
-
-    def __init__(self, token_hash: str | None) -> None:
-        self._hash = token_hash
-
-    @classmethod
-    def from_token(cls, token: str | None) -> "AdminAuth":
-        return cls(hashlib.sha256(token.encode()).hexdigest() if token else None)
-
-    def check(self, authorization: str | None) -> None:
-        token = bearer(authorization)
-        if token is None:
-            raise Unauthorized("Missing admin token: send `Authorization: Bearer <admin token>`.")
-        if self._hash is None or not hmac.compare_digest(hashlib.sha256(token.encode()).hexdigest(), self._hash):
-            raise Unauthorized("Invalid admin token.")

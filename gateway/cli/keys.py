@@ -12,9 +12,9 @@ from gateway.core.config import Config
 
 
 async def _with_services(config: Config, work: Any) -> Any:
+    from gateway.security.vault import Vault
     from gateway.store import Store
     from gateway.upstream.client import UpstreamClient, make_transport
-    from gateway.security.vault import Vault
 
     store = await Store.open(config.database.url)
     upstream = UpstreamClient(
@@ -63,9 +63,9 @@ MANAGED_ACTIONS = ("provision", "rotate", "disable", "enable", "delete")
 
 async def _managed(args: argparse.Namespace, store: Any, vault: Any, upstream: Any, *, config: Config) -> Any:
     """The admin API's managed-key operations; running gateways learn of them through the change feed."""
-    from gateway.upstream.key_api import KeyApi
     from gateway.accounts.provisioning import MISSING, Provisioner
     from gateway.security.secret_files import management_key
+    from gateway.upstream.key_api import KeyApi
 
     provisioner = Provisioner(store, vault, KeyApi(upstream, management_key(config.upstream)), config)
     if args.action == "provision":
@@ -90,9 +90,13 @@ def _rotate_master(args: argparse.Namespace, config: Config) -> Any:
     from pathlib import Path
 
     from gateway.cli.main import CliError
-    from gateway.security.master_rotation import ENV_KEYS_REFUSAL, Progress, rotate_master
-    from gateway.store import Store
+    from gateway.security.master_rotation import (
+        ENV_KEYS_REFUSAL,
+        Progress,
+        rotate_master,
+    )
     from gateway.security.vault import VaultError
+    from gateway.store import Store
 
     if config.security.master_keys:
         raise CliError(ENV_KEYS_REFUSAL)

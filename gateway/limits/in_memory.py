@@ -12,11 +12,18 @@ from __future__ import annotations
 
 from decimal import Decimal
 
-from gateway.limits.limiter import (
-    HOUR, HOUR_BUCKET_S, MINUTE, MINUTE_BUCKET_S, Limits, Refusal, Snapshot, first_refusal,
-)
 from gateway.core.money import ZERO, from_pico, to_pico
 from gateway.core.windows import PERIODS, SlidingWindow, period_ids
+from gateway.limits.policy import (
+    HOUR,
+    HOUR_BUCKET_S,
+    MINUTE,
+    MINUTE_BUCKET_S,
+    Limits,
+    Refusal,
+    Snapshot,
+    first_refusal,
+)
 
 DAY, MONTH = PERIODS.index("day"), PERIODS.index("month")
 assert MINUTE_BUCKET_S == 1 and HOUR_BUCKET_S == 60, "the hot path computes buckets with integer arithmetic"

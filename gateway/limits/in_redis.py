@@ -31,9 +31,15 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from gateway.core.errors import ServiceUnavailable
-from gateway.limits.limiter import HOUR_BUCKET_S, MINUTE_BUCKET_S, Limits, Refusal, Snapshot
 from gateway.core.money import from_pico, to_pico
 from gateway.core.windows import PERIODS, period_id
+from gateway.limits.policy import (
+    HOUR_BUCKET_S,
+    MINUTE_BUCKET_S,
+    Limits,
+    Refusal,
+    Snapshot,
+)
 
 log = logging.getLogger("gateway.limits.limiter")
 

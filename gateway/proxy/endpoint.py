@@ -12,9 +12,7 @@ import asyncio
 import logging
 import secrets
 import time
-from dataclasses import dataclass, field
-from decimal import Decimal
-from typing import Any, Awaitable, Callable, Protocol
+from typing import Callable
 
 import orjson
 
@@ -24,20 +22,36 @@ from gateway.core.errors import (
     BadRequest,
     Forbidden,
     GatewayError,
-    PayloadTooLarge,
     PaymentRequired,
     ServiceUnavailable,
     UnsupportedMediaType,
     upstream_error_body,
 )
+from gateway.proxy.body import read_body
 from gateway.proxy.sse import Observation, StreamObserver, observe_body
-from gateway.upstream.client import UpstreamClient, UpstreamConnectionError, UpstreamResponse
+from gateway.proxy.stop import EmergencyStop
+from gateway.proxy.types import (
+    Admission,
+    AsSent,
+    BodyPreparer,
+    DiscardRecorder,
+    OpenAdmission,
+    ProxyRequest,
+    Receive,
+    Recorder,
+    Scope,
+    Send,
+    StreamInFlight,
+    Ticket,
+)
+from gateway.upstream.client import (
+    UpstreamClient,
+    UpstreamConnectionError,
+    UpstreamResponse,
+)
 
 log = logging.getLogger("gateway.proxy.endpoint")
 
-Scope = dict[str, Any]
-Receive = Callable[[], Awaitable[dict[str, Any]]]
-Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 # Request headers a client may pass on to OpenRouter; everything else (its platform token
 # above all) stays here.
@@ -79,100 +93,6 @@ NO_KEY_MESSAGE = (
     "No OpenRouter key is connected to your account. Add yours with "
     "`PUT /v1/account/openrouter-key {\"api_key\": \"sk-or-...\"}`, or ask your admin to provision one."
 )
-
-
-@dataclass(slots=True)
-class ProxyRequest:
-    """A parsed, admitted request on its way upstream."""
-
-    endpoint: str  # "/chat/completions", "/completions", "/embeddings"
-    body: dict[str, Any]
-    raw: bytes
-    model: str | None
-    stream: bool
-    started: float
-    request_id: str
-    cancelled: bool = False
-    status: int = 0
-    first_byte: float | None = None
-    ended: float | None = None
-    charged: Decimal | None = None  # what accounting recorded as the user's charge (set by the Recorder) …
-    tokens: int = 0  # … and as its prompt + completion tokens
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
-class Ticket(Protocol):
-    """What admission hands back: a release once the outcome is known."""
-
-    def release(self, observation: Observation | None) -> None: ...
-
-
-class Admission(Protocol):
-    """Admits a request or raises the refusal. An admission that never waits may also offer
-    `admit_now`, the same as a plain method, and the proxy then calls that (no coroutine)."""
-
-    async def admit(self, principal: Principal, request: ProxyRequest) -> Ticket: ...
-
-
-class Recorder(Protocol):
-    def record(self, principal: Principal, request: ProxyRequest, observation: Observation) -> None:
-        """Called once per forwarded request that reached the upstream; must not block.
-
-        Sets `request.charged` and `request.tokens` when it records a charge, before the ticket
-        is released (the limits count those very amounts)."""
-
-
-class BodyPreparer(Protocol):
-    def prepare(self, principal: Principal, request: ProxyRequest) -> bytes:
-        """The bytes to send upstream (the user's defaults may fill absent fields).
-
-        Called once, before admission, so limits see what goes upstream: a preparer that
-        fills fields also updates `request.body` and `request.model`."""
-
-
-class _Open:
-    __slots__ = ()
-
-    def release(self, observation: Observation | None) -> None:
-        return None
-
-
-class OpenAdmission:
-    """No limits: used until limits are configured, and in tests of the proxy alone."""
-
-    async def admit(self, principal: Principal, request: ProxyRequest) -> Ticket:
-        return _Open()
-
-    def admit_now(self, principal: Principal, request: ProxyRequest) -> Ticket:
-        return _Open()
-
-
-class DiscardRecorder:
-    def record(self, principal: Principal, request: ProxyRequest, observation: Observation) -> None:
-        return None
-
-
-class AsSent:
-    def prepare(self, principal: Principal, request: ProxyRequest) -> bytes:
-        return request.raw
-
-
-@dataclass(slots=True)
-class StreamInFlight:
-    user_id: str
-    model: str | None
-    started_at: float
-    observation: Observation
-
-
-class EmergencyStop:
-    """The switch every instance reads before proxying; kept fresh by the app's poller."""
-
-    __slots__ = ("enabled", "reason")
-
-    def __init__(self) -> None:
-        self.enabled = False
-        self.reason: str | None = None
 
 
 class ProxyEndpoint:
@@ -403,32 +323,6 @@ async def _pump(send: Send, response: UpstreamResponse, observer: StreamObserver
 async def _wait_disconnect(receive: Receive) -> None:
     while (await receive())["type"] != "http.disconnect":
         pass
-
-
-async def read_body(receive: Receive, content_length: bytes | None, limit: int) -> bytes:
-    """The whole request body, refusing (without reading it all) anything over `limit` bytes."""
-    if content_length is not None:
-        try:
-            declared = int(content_length)
-        except ValueError:
-            raise BadRequest("Content-Length is not a number.") from None
-        if declared > limit:
-            raise PayloadTooLarge(f"The request body is {declared} bytes; the limit is {limit} (server.max_body_bytes).")
-    chunks: list[bytes] = []
-    size = 0
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise BadRequest("The client went away before sending the whole body.")
-        chunk = message.get("body", b"")
-        if chunk:
-            size += len(chunk)
-            if size > limit:
-                raise PayloadTooLarge(f"The request body is over {limit} bytes (server.max_body_bytes).")
-            chunks.append(chunk)
-        if not message.get("more_body", False):
-            break
-    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
 def _request_id(scope: Scope) -> str:

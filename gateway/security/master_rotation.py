@@ -26,8 +26,8 @@ from typing import Callable, TextIO
 import orjson
 from cryptography.fernet import Fernet, InvalidToken
 
-from gateway.store import Store
 from gateway.security.vault import Vault, parse_master_keys, write_key_file
+from gateway.store import Store
 
 MARKER = "master_key_rotation"
 MAX_PASSES = 5

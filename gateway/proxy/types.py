@@ -1,0 +1,100 @@
+"""What the proxy hands its hooks: the request on its way upstream, and the protocols limits, accounting
+and the users' settings implement (so the proxy never imports them).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any, Awaitable, Callable, Protocol
+
+from gateway.auth.tokens import Principal
+from gateway.proxy.sse import Observation
+
+Scope = dict[str, Any]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+
+
+@dataclass(slots=True)
+class ProxyRequest:
+    """A parsed, admitted request on its way upstream."""
+
+    endpoint: str  # "/chat/completions", "/completions", "/embeddings"
+    body: dict[str, Any]
+    raw: bytes
+    model: str | None
+    stream: bool
+    started: float
+    request_id: str
+    cancelled: bool = False
+    status: int = 0
+    first_byte: float | None = None
+    ended: float | None = None
+    charged: Decimal | None = None  # what accounting recorded as the user's charge (set by the Recorder) …
+    tokens: int = 0  # … and as its prompt + completion tokens
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Ticket(Protocol):
+    """What admission hands back: a release once the outcome is known."""
+
+    def release(self, observation: Observation | None) -> None: ...
+
+
+class Admission(Protocol):
+    """Admits a request or raises the refusal. An admission that never waits may also offer
+    `admit_now`, the same as a plain method, and the proxy then calls that (no coroutine)."""
+
+    async def admit(self, principal: Principal, request: ProxyRequest) -> Ticket: ...
+
+
+class Recorder(Protocol):
+    def record(self, principal: Principal, request: ProxyRequest, observation: Observation) -> None:
+        """Called once per forwarded request that reached the upstream; must not block.
+
+        Sets `request.charged` and `request.tokens` when it records a charge, before the ticket
+        is released (the limits count those very amounts)."""
+
+
+class BodyPreparer(Protocol):
+    def prepare(self, principal: Principal, request: ProxyRequest) -> bytes:
+        """The bytes to send upstream (the user's defaults may fill absent fields).
+
+        Called once, before admission, so limits see what goes upstream: a preparer that
+        fills fields also updates `request.body` and `request.model`."""
+
+
+class _Open:
+    __slots__ = ()
+
+    def release(self, observation: Observation | None) -> None:
+        return None
+
+
+class OpenAdmission:
+    """No limits: used until limits are configured, and in tests of the proxy alone."""
+
+    async def admit(self, principal: Principal, request: ProxyRequest) -> Ticket:
+        return _Open()
+
+    def admit_now(self, principal: Principal, request: ProxyRequest) -> Ticket:
+        return _Open()
+
+
+class DiscardRecorder:
+    def record(self, principal: Principal, request: ProxyRequest, observation: Observation) -> None:
+        return None
+
+
+class AsSent:
+    def prepare(self, principal: Principal, request: ProxyRequest) -> bytes:
+        return request.raw
+
+
+@dataclass(slots=True)
+class StreamInFlight:
+    user_id: str
+    model: str | None
+    started_at: float
+    observation: Observation
