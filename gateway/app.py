@@ -11,25 +11,20 @@ import asyncio
 import contextlib
 import gc
 import logging
-import secrets
-import time
 from typing import Any, Awaitable, Callable
 
 import orjson
 from starlette.applications import Starlette
-from starlette.middleware.cors import CORSMiddleware
-from starlette.requests import Request
 
 from gateway.accounts.directory import Directory
-from gateway.api.common import error_response
+from gateway.api.dispatch import EXCEPTION_HANDLERS, GatewayApp
 from gateway.auth.admin import AdminAuth
 from gateway.auth.tokens import Authenticator
 from gateway.catalog import Catalog
 from gateway.core.clock import Clock, system_clock
 from gateway.core.config import Config
-from gateway.core.errors import GatewayError
-from gateway.core.metrics import Metrics, route_label
-from gateway.proxy.endpoint import ProxyEndpoint, send_error
+from gateway.core.metrics import Metrics
+from gateway.proxy.endpoint import ProxyEndpoint
 from gateway.proxy.stop import EmergencyStop
 from gateway.proxy.types import (
     Admission,
@@ -46,7 +41,6 @@ from gateway.store import Store
 from gateway.upstream.client import Transport, UpstreamClient, make_transport
 
 log = logging.getLogger("gateway")
-access_log = logging.getLogger("gateway.access")
 
 PROXY_ENDPOINTS = ("/chat/completions", "/completions", "/embeddings")
 EMERGENCY_STOP = "emergency_stop"
@@ -177,77 +171,6 @@ class Gateway:
                 log.exception("recording token last-used times failed")
 
 
-class GatewayApp:
-    """The ASGI entry point: request ids and access logs for everything, raw dispatch for the proxy."""
-
-    def __init__(
-        self, gateway: Gateway, api: Starlette, *, access_log_enabled: bool = True, cors_origins: list[str] = ()
-    ) -> None:
-        self.gateway = gateway
-        self.api = api
-        self.access_log_enabled = access_log_enabled
-        self._entry: Any = self._dispatch
-        if cors_origins:
-            self._entry = CORSMiddleware(
-                self._dispatch,
-                allow_origins=list(cors_origins),
-                allow_methods=["*"],
-                allow_headers=["*"],
-                expose_headers=["X-Generation-Id", "X-Request-Id", "Retry-After"],
-            )
-
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        await self._entry(scope, receive, send)
-
-    async def _dispatch(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            await self.api(scope, receive, send)
-            return
-        request_id = _incoming_request_id(scope) or "req_" + secrets.token_hex(8)
-        scope.setdefault("state", {})["request_id"] = request_id
-        started = time.perf_counter()
-        status = 0
-
-        async def send_logged(message: dict[str, Any]) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-                headers = message.get("headers") or []
-                if not any(name == b"x-request-id" for name, _ in headers):
-                    message["headers"] = [*headers, (b"x-request-id", request_id.encode())]
-            await send(message)
-
-        endpoint = self.gateway.proxies.get(scope["path"]) if scope["method"] == "POST" else None
-        try:
-            if endpoint is not None:
-                await endpoint(scope, receive, send_logged)
-            else:
-                await self.api(scope, receive, send_logged)
-        except Exception:
-            if endpoint is not None or status == 0:  # Starlette's handler already logged its own
-                log.exception("unhandled error on %s %s", scope["method"], scope["path"],
-                              extra={"request_id": request_id})
-            if status == 0:  # nothing sent yet: answer in the error envelope instead of dropping the connection
-                await send_error(send_logged, _internal_error(request_id), request_id)
-        finally:
-            elapsed = time.perf_counter() - started
-            self.gateway.metrics.observe_request(route_label(scope["path"], self.gateway.proxies), status, elapsed)
-            if self.access_log_enabled:
-                access_log.info(
-                    "%s %s %s",
-                    scope["method"],
-                    scope["path"],
-                    status,
-                    extra={
-                        "request_id": request_id,
-                        "method": scope["method"],
-                        "path": scope["path"],
-                        "status": status,
-                        "duration_ms": round(elapsed * 1000, 2),
-                    },
-                )
-
-
 def settle_garbage_collector() -> None:
     """Move start-up objects out of the collector's sight and collect young objects less often.
 
@@ -259,33 +182,6 @@ def settle_garbage_collector() -> None:
     gc.collect()
     gc.freeze()
     gc.set_threshold(20_000, 20, 20)
-
-
-def _incoming_request_id(scope: dict[str, Any]) -> str | None:
-    for name, value in scope["headers"]:
-        if name == b"x-request-id":
-            text = value.decode("latin-1")
-            if 0 < len(text) <= 128 and text.isprintable():
-                return text
-    return None
-
-
-def _internal_error(request_id: str) -> GatewayError:
-    return GatewayError(
-        f"Internal error in the gateway (request id {request_id}); it has been logged. Try again or contact the operator."
-    )
-
-
-async def _unhandled(request: Request, exc: Exception) -> Any:
-    request_id = request.scope.get("state", {}).get("request_id", "-")
-    log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc,
-              extra={"request_id": request_id})
-    return error_response(_internal_error(request_id), request)
-
-
-async def _gateway_error(request: Request, exc: Exception) -> Any:
-    assert isinstance(exc, GatewayError)
-    return error_response(exc, request)
 
 
 def create_app(
@@ -326,26 +222,11 @@ def create_app(
             *admin_keys.routes,
         ],
         lifespan=lifespan,
-        exception_handlers={
-            GatewayError: _gateway_error,
-            404: _not_found,
-            405: _method_not_allowed,
-            Exception: _unhandled,
-        },
+        exception_handlers=EXCEPTION_HANDLERS,
     )
     api.state.gateway = gateway
-    return GatewayApp(
-        gateway, api, access_log_enabled=config.logging.access_log, cors_origins=config.server.cors_origins
-    )
+    app = GatewayApp(api, access_log_enabled=config.logging.access_log, cors_origins=config.server.cors_origins)
+    app.serve(gateway.proxies, gateway.metrics)
+    return app
 
 
-async def _not_found(request: Request, exc: Exception) -> Any:
-    from gateway.core.errors import NotFound
-
-    return error_response(NotFound(f"No route {request.method} {request.url.path}; see the API in README.md."), request)
-
-
-async def _method_not_allowed(request: Request, exc: Exception) -> Any:
-    err = GatewayError(f"Method {request.method} is not allowed on {request.url.path}.", status=405)
-    err.type = "invalid_request_error"
-    return error_response(err, request)

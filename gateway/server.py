@@ -97,7 +97,7 @@ async def _serve(config: Config, host: str, port: int, demo: bool, demo_port: in
             emulator.should_exit = True
             await emulator_task
             return
-    await prepare_demo(app.gateway, host, port)
+    await prepare_demo(app.api.state.gateway, host, port)
     await server_task
     emulator.should_exit = True
     await emulator_task

@@ -32,7 +32,7 @@ async def _with_services(config: Config, work: Any) -> Any:
 
 
 def run_keys_command(args: argparse.Namespace, config: Config) -> None:
-    from gateway.cli.main import CliError, print_json
+    from gateway.cli.common import CliError, print_json
 
     if args.action == "set-byok":
         from gateway.accounts.byok import connect_byok
@@ -80,7 +80,7 @@ async def _managed(args: argparse.Namespace, store: Any, vault: Any, upstream: A
 
         raise NotFound(f"No user {args.user!r}.")
     if not await provisioner.remove(args.user, actor="cli"):
-        from gateway.cli.main import CliError
+        from gateway.cli.common import CliError
 
         raise CliError(f"user {args.user!r} has no OpenRouter key")
     return {"deleted": True, "user": args.user}
@@ -89,7 +89,7 @@ async def _managed(args: argparse.Namespace, store: Any, vault: Any, upstream: A
 def _rotate_master(args: argparse.Namespace, config: Config) -> Any:
     from pathlib import Path
 
-    from gateway.cli.main import CliError
+    from gateway.cli.common import CliError
     from gateway.security.master_rotation import (
         ENV_KEYS_REFUSAL,
         Progress,

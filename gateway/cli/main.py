@@ -9,22 +9,21 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import sys
 from pathlib import Path
-from typing import Any, Awaitable, Callable, NoReturn
+from typing import Any, Callable, NoReturn
 
-import orjson
-
-from gateway.core.config import Config, ConfigError, load_config
+from gateway.cli.common import (
+    DEFAULT_CONFIG,
+    EXIT_BAD_INPUT,
+    CliError,
+    config_path,
+    load,
+    print_json,
+    with_directory,
+)
+from gateway.core.config import ConfigError
 from gateway.core.errors import GatewayError
-
-DEFAULT_CONFIG = "gateway.yaml"
-EXIT_BAD_INPUT = 2
-
-
-class CliError(Exception):
-    """Bad input or a refused operation: one line on stderr, exit 2."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -40,34 +39,6 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"{text!r} must be 1 or more")
     return value
-
-
-def config_path(args: argparse.Namespace) -> str | None:
-    path = getattr(args, "config", None) or os.environ.get("GATEWAY_CONFIG")
-    if path:
-        return path
-    return DEFAULT_CONFIG if Path(DEFAULT_CONFIG).is_file() else None
-
-
-def load(args: argparse.Namespace) -> Config:
-    return load_config(config_path(args))
-
-
-def print_json(value: Any) -> None:
-    from gateway.api.common import dumps
-
-    sys.stdout.write(orjson.dumps(orjson.loads(dumps(value)), option=orjson.OPT_INDENT_2).decode() + "\n")
-
-
-async def with_directory(config: Config, work: Callable[[Any], Awaitable[Any]]) -> Any:
-    from gateway.accounts.directory import Directory
-    from gateway.store import Store
-
-    store = await Store.open(config.database.url)
-    try:
-        return await work(Directory(store, config, actor="cli"))
-    finally:
-        await store.close()
 
 
 # -- commands -------------------------------------------------------------------
