@@ -136,9 +136,12 @@ def start_gateway(upstream: Server, client: str, tmp: Path, cpu: int | None,
     config_file.write_text(yaml.safe_dump(config))
     port = free_port()
     env = {**os.environ, "GATEWAY_ADMIN_TOKEN": BENCH_ADMIN_TOKEN}
-    launcher = ["-m", "gateway"] if without is None else ["-m", "bench.variant", "--without", without, "--"]
+    if without is None:
+        command = ["-m", "gateway", "--config", str(config_file), "serve", "--port", str(port)]
+    else:
+        command = ["-m", "bench.variant", "--without", without, "--config", str(config_file), "--port", str(port)]
     name = f"gateway-{client}" + (f"-without-{without}" if without else "")
-    server = Server(name, [sys.executable, *launcher, "--config", str(config_file), "serve", "--port", str(port)],
+    server = Server(name, [sys.executable, *command],
                     port=port, health="/health", cpu=cpu, cwd=tmp, env={**env, "PYTHONPATH": str(ROOT)})
     try:
         return server, _create_user(server.url)

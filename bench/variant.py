@@ -1,8 +1,8 @@
-"""`python -m bench.variant --without limits -- <gateway args>`: the gateway with one service left out.
+"""`python -m bench.variant --without limits --config FILE --port N`: the gateway with one service off.
 
-Prices a service: the bench runs this next to the gateway in its default shape and
-compares the two under the same load. Bench-only; the product has no switch to turn
-limits or accounting off.
+Prices a service: the bench runs this next to the gateway in its default shape and compares the two
+under the same load. The service is switched off by `create_app`'s own parameter (`limits=False` or
+`accounting=False`: its hook leaves the proxy path); the product's CLI has no such switch.
 """
 
 from __future__ import annotations
@@ -10,25 +10,28 @@ from __future__ import annotations
 import argparse
 import sys
 
-SERVICES = {"limits": ("gateway.limits.limiter", "install_limits"), "accounting": ("gateway.accounting.ledger", "install_accounting")}
+from gateway.app import create_app
+from gateway.core.config import load_config
+from gateway.core.logs import configure_logging
+from gateway.security.first_run import ensure_runtime
+from gateway.server import serve_app, settle_garbage_collector
 
-
-async def _left_out(gateway: object) -> None:
-    return None
+SERVICES = ("accounting", "limits")
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.variant", description=__doc__.splitlines()[0])
-    parser.add_argument("--without", choices=sorted(SERVICES), required=True)
-    parser.add_argument("gateway_args", nargs=argparse.REMAINDER, help="passed to `gateway` (after --)")
+    parser.add_argument("--without", choices=SERVICES, required=True)
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, required=True)
     args = parser.parse_args(argv)
-    module_name, installer = SERVICES[args.without]
-    module = __import__(module_name, fromlist=[installer])
-    setattr(module, installer, _left_out)  # services.py imports the installer when it runs
-    from gateway.cli.main import main as gateway_main
-
-    rest = args.gateway_args[1:] if args.gateway_args[:1] == ["--"] else args.gateway_args
-    gateway_main(rest)
+    config = load_config(args.config)
+    configure_logging(config.logging.level)
+    ensure_runtime(config, announce=lambda line: print(line, file=sys.stderr, flush=True))
+    app = create_app(config, limits=args.without != "limits", accounting=args.without != "accounting",
+                     after_start=settle_garbage_collector)
+    serve_app(app, args.host, args.port)
 
 
 if __name__ == "__main__":

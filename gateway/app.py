@@ -1,35 +1,42 @@
-"""Assembles the gateway: resources opened in the lifespan, the hot path dispatched raw.
+"""The composition root: every service built with what it needs, in one visible order.
 
-`Gateway` holds everything a running instance needs (no module-level state). The ASGI
-entry point sends the proxy routes straight to their raw endpoints and everything else
-to Starlette, which serves the JSON APIs.
+`open_gateway` opens the foundations (store, vault, upstream), then the services in the order their
+dependencies need (auth → stop → catalogue → accounts → accounting → limits → the proxy), starts
+their background jobs and registers their shutdown steps on one `Lifecycle`. `create_app` wraps it in
+the ASGI app: the proxy routes dispatched raw, the JSON APIs by Starlette. Neither has a process-wide
+side effect (GC tuning, logging, environment): those belong to `server.py` and the CLI.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import gc
-import logging
-from typing import Any, Awaitable, Callable
+from typing import Any, AsyncIterator, Callable
 
-import orjson
 from starlette.applications import Starlette
 
+from gateway.accounting.ledger import Ledger, key_lookup
+from gateway.accounting.pacing import CpuMeter, Pacer
+from gateway.accounting.pricing import Pricing
+from gateway.accounting.settlement import Settler
+from gateway.accounts.credit_sync import CreditSync
 from gateway.accounts.directory import Directory
+from gateway.accounts.provisioning import Provisioner
+from gateway.accounts.settings import DefaultsPreparer, SettingsBook
+from gateway.api import account, admin, admin_keys, limits, models, ops, usage
 from gateway.api.dispatch import EXCEPTION_HANDLERS, GatewayApp
 from gateway.auth.admin import AdminAuth
 from gateway.auth.tokens import Authenticator
 from gateway.catalog import Catalog
 from gateway.core.clock import Clock, system_clock
 from gateway.core.config import Config
+from gateway.core.lifecycle import Lifecycle
 from gateway.core.metrics import Metrics
+from gateway.instance import Gateway
+from gateway.limits.limiter import Limiter, open_counters
 from gateway.proxy.endpoint import ProxyEndpoint
 from gateway.proxy.stop import EmergencyStop
 from gateway.proxy.types import (
     Admission,
-    AsSent,
-    BodyPreparer,
     DiscardRecorder,
     OpenAdmission,
     Recorder,
@@ -39,149 +46,112 @@ from gateway.security.secret_files import admin_token_hash, management_key
 from gateway.security.vault import Vault
 from gateway.store import Store
 from gateway.upstream.client import Transport, UpstreamClient, make_transport
-
-log = logging.getLogger("gateway")
+from gateway.upstream.key_api import KeyApi
 
 PROXY_ENDPOINTS = ("/chat/completions", "/completions", "/embeddings")
-EMERGENCY_STOP = "emergency_stop"
+API_ROUTES = [*ops.routes, *models.routes, *account.routes, *usage.routes, *limits.routes, *admin.routes,
+              *admin_keys.routes]
 
 
-class Gateway:
-    """One running instance: config, store, caches, upstream client and background jobs."""
+async def open_gateway(
+    config: Config,
+    lifecycle: Lifecycle,
+    *,
+    transport: Transport | None = None,
+    clock: Clock = system_clock,
+    limits: bool = True,
+    accounting: bool = True,
+) -> Gateway:
+    """Open every resource and service of one instance. `limits` / `accounting` False leave that service
+    off the proxy path (the bench prices a service so); its API still answers."""
+    cfg = config
+    # -- foundations: closed last (steps run in reverse) --
+    vault = Vault.from_sources(cfg.security.master_keys, cfg.security.master_key_file)
+    admin_auth = AdminAuth(admin_token_hash(cfg.security))
+    store = await Store.open(cfg.database.url, clock)
+    lifecycle.on_shutdown(store.close)
+    up = cfg.upstream
+    upstream = UpstreamClient(
+        transport or make_transport(up.client, pool_size=up.pool_size, connect_timeout_s=up.connect_timeout_s,
+                                    read_timeout_s=up.read_timeout_s),
+        up.base_url, retries=up.retries, backoff_base_s=up.backoff_base_s, backoff_max_s=up.backoff_max_s,
+    )
+    lifecycle.on_shutdown(upstream.close)
+    metrics = Metrics()
 
-    def __init__(self, config: Config, *, transport: Transport | None = None, clock: Clock = system_clock) -> None:
-        self.config = config
-        self.clock = clock
-        self._transport = transport
-        self.stop = EmergencyStop()
-        self.streams: dict[str, StreamInFlight] = {}
-        self.proxies: dict[str, ProxyEndpoint] = {}
-        self.admission: Admission = OpenAdmission()
-        self.recorder: Recorder = DiscardRecorder()
-        self.preparer: BodyPreparer = AsSent()
-        self._tasks: list[asyncio.Task[Any]] = []
-        self._on_stop: list[Callable[[], Awaitable[None]]] = []
-        self.store: Store
-        self.vault: Vault
-        self.auth: Authenticator
-        self.admin: AdminAuth
-        self.upstream: UpstreamClient
-        self.directory: Directory
-        self.management_key: str | None = None
-        self.catalog: Catalog
-        self.metrics = Metrics()
-        self.metrics.gauge("gateway_streams_in_flight", lambda: len(self.streams))
+    # -- who is calling, and whether anything may be forwarded --
+    auth = Authenticator(store, vault, clock=clock)
+    await auth.start_feed()
+    lifecycle.on_shutdown(auth.flush_last_used)
+    stop = EmergencyStop(store.state)
+    await stop.load()
+    auth.on_state_change(stop.on_state_change)
+    catalog = Catalog(upstream, ttl_s=cfg.models.cache_ttl_s, clock=clock)
 
-    async def start(self) -> None:
-        cfg = self.config
-        self.vault = Vault.from_sources(cfg.security.master_keys, cfg.security.master_key_file)
-        self.admin = AdminAuth(admin_token_hash(cfg.security))
-        self.management_key = management_key(cfg.upstream)
-        self.store = await Store.open(cfg.database.url, self.clock)
-        transport = self._transport or make_transport(
-            cfg.upstream.client,
-            pool_size=cfg.upstream.pool_size,
-            connect_timeout_s=cfg.upstream.connect_timeout_s,
-            read_timeout_s=cfg.upstream.read_timeout_s,
+    # -- accounts --
+    directory = Directory(store, cfg, forget_user=auth.forget_user, forget_token=auth.forget_token, clock=clock)
+    settings = SettingsBook(store)
+    await settings.load_all()
+    auth.on_user_change(settings.on_user_change)
+    provisioner = Provisioner(store, vault, KeyApi(upstream, management_key(up)), cfg, clock=clock,
+                              forget_user=auth.forget_user)
+    credit_sync = CreditSync(store, vault, upstream, rate_per_s=cfg.jobs.credit_sync_rate_per_s, clock=clock)
+    lifecycle.on_shutdown(credit_sync.stop)
+
+    # -- accounting: one charge (pricing) for the ledger and the limits --
+    lookup = cfg.accounting.generation_lookup
+    meter = CpuMeter()
+    settler = Settler(upstream, lookup, key_for=key_lookup(store, vault),
+                      is_free_generation=catalog.is_free_generation, clock=clock,
+                      pacer=Pacer(meter, busy_share=lookup.busy_cpu_share, floor_per_s=lookup.busy_floor_per_s))
+    ledger = Ledger(store, cfg, settler=settler, clock=clock)
+    lifecycle.on_shutdown(ledger.close)
+    pricing = Pricing(cfg, catalog.is_free_generation)
+
+    # -- limits: spend from the database, then from each charge and the ledger's corrections --
+    counters = await open_counters(cfg)
+    lifecycle.on_shutdown(counters.close)
+    limiter = Limiter(cfg, counters, catalog, clock=clock)
+    await limiter.load_spend(store.usage)
+    ledger.on_total_changed(limiter.on_total_changed)
+
+    # -- background jobs --
+    lifecycle.spawn(auth.run_feed())
+    lifecycle.spawn(auth.run_last_used())
+    lifecycle.spawn(provisioner.run_recovery())
+    if cfg.jobs.credit_sync_interval_s > 0:
+        lifecycle.spawn(credit_sync.run_periodically(cfg.jobs.credit_sync_interval_s))
+    if accounting:
+        await settler.resume(store)
+        lifecycle.spawn(ledger.run_writer())
+        lifecycle.spawn(settler.run())
+        lifecycle.spawn(meter.run())
+        if cfg.jobs.usage_retention_days:
+            lifecycle.spawn(ledger.run_retention(cfg.jobs.usage_retention_days))
+    catalog.warm()  # fetch the model list in the background so prices are known early
+
+    # -- the proxy, built once --
+    streams: dict[str, StreamInFlight] = {}
+    metrics.gauge("gateway_streams_in_flight", lambda: len(streams))
+    metrics.gauge("gateway_settlements_pending", lambda: settler.pending)
+    admission: Admission = limiter if limits else OpenAdmission()
+    recorder: Recorder = ledger if accounting else DiscardRecorder()
+    attribution = {"HTTP-Referer": up.app_referer or "", "X-OpenRouter-Title": up.app_title or ""}
+    proxies: dict[str, ProxyEndpoint] = {}
+    for endpoint in PROXY_ENDPOINTS:
+        proxy = ProxyEndpoint(
+            endpoint, auth=auth, upstream=upstream, stop=stop, max_body_bytes=cfg.server.max_body_bytes,
+            attribution=attribution, pricing=pricing, admission=admission, recorder=recorder,
+            preparer=DefaultsPreparer(settings), streams=streams, clock=clock,
         )
-        self.upstream = UpstreamClient(
-            transport,
-            cfg.upstream.base_url,
-            retries=cfg.upstream.retries,
-            backoff_base_s=cfg.upstream.backoff_base_s,
-            backoff_max_s=cfg.upstream.backoff_max_s,
-        )
-        self.auth = Authenticator(self.store, self.vault, clock=self.clock)
-        await self.auth.start_feed()
-        self.directory = Directory(
-            self.store, cfg, forget_user=self.auth.forget_user, forget_token=self.auth.forget_token, clock=self.clock
-        )
-        self.catalog = Catalog(self.upstream, ttl_s=cfg.models.cache_ttl_s, clock=self.clock)
-        await self.load_emergency_stop()
-        self.build_proxies()
-        self.spawn(self._poll_changes())
-        self.spawn(self._flush_last_used())
+        proxies["/v1" + endpoint] = proxies["/api/v1" + endpoint] = proxy
 
-    def build_proxies(self) -> None:
-        attribution = {"HTTP-Referer": self.config.upstream.app_referer or "",
-                       "X-OpenRouter-Title": self.config.upstream.app_title or ""}
-        for endpoint in PROXY_ENDPOINTS:
-            proxy = ProxyEndpoint(
-                endpoint,
-                auth=self.auth,
-                upstream=self.upstream,
-                stop=self.stop,
-                max_body_bytes=self.config.server.max_body_bytes,
-                attribution=attribution,
-                admission=self.admission,
-                recorder=self.recorder,
-                preparer=self.preparer,
-                streams=self.streams,
-                clock=self.clock,
-            )
-            self.proxies["/v1" + endpoint] = proxy
-            self.proxies["/api/v1" + endpoint] = proxy
-
-    def spawn(self, coroutine: Awaitable[Any]) -> asyncio.Task[Any]:
-        task = asyncio.ensure_future(coroutine)
-        self._tasks.append(task)
-        return task
-
-    def on_shutdown(self, callback: Callable[[], Awaitable[None]]) -> None:
-        """Run at shutdown, after streams drained, before the store closes (flushes go here)."""
-        self._on_stop.append(callback)
-
-    async def shutdown(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        for callback in reversed(self._on_stop):
-            try:
-                await callback()
-            except Exception:
-                log.exception("shutdown step failed")
-        with contextlib.suppress(Exception):
-            await self.store.tokens.touch(self.auth.take_last_used())
-        await self.upstream.close()
-        await self.store.close()
-
-    async def load_emergency_stop(self) -> None:
-        raw = await self.store.state.get(EMERGENCY_STOP)
-        value = orjson.loads(raw) if raw else {}
-        self.stop.enabled = bool(value.get("enabled"))
-        self.stop.reason = value.get("reason")
-
-    async def _poll_changes(self) -> None:
-        while True:
-            await asyncio.sleep(self.auth.poll_interval_s)
-            try:
-                before = self.auth._last_seq
-                await self.auth.poll_changes()
-                if self.auth._last_seq != before:
-                    await self.load_emergency_stop()
-            except Exception:
-                log.exception("change feed poll failed; retrying")
-
-    async def _flush_last_used(self) -> None:
-        while True:
-            await asyncio.sleep(5)
-            try:
-                await self.store.tokens.touch(self.auth.take_last_used())
-            except Exception:
-                log.exception("recording token last-used times failed")
-
-
-def settle_garbage_collector() -> None:
-    """Move start-up objects out of the collector's sight and collect young objects less often.
-
-    Every request allocates short-lived dicts and Decimals; with CPython's default gen-0
-    threshold (700) the collector runs every few requests and re-walks everything that
-    start-up left alive. Freezing those and raising the threshold keeps collections
-    rare and short (the approach CPython documents for gc.freeze in forking servers).
-    """
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(20_000, 20, 20)
+    return Gateway(
+        config=cfg, clock=clock, lifecycle=lifecycle, metrics=metrics, store=store, vault=vault, admin=admin_auth,
+        upstream=upstream, auth=auth, stop=stop, catalog=catalog, directory=directory, settings=settings,
+        provisioner=provisioner, credit_sync=credit_sync, ledger=ledger, limiter=limiter, streams=streams,
+        proxies=proxies,
+    )
 
 
 def create_app(
@@ -189,44 +159,37 @@ def create_app(
     *,
     transport: Transport | None = None,
     clock: Clock = system_clock,
-    extensions: list[Callable[[Gateway], Awaitable[None]]] | None = None,
+    limits: bool = True,
+    accounting: bool = True,
+    after_start: Callable[[], None] | None = None,
 ) -> GatewayApp:
-    """Build the ASGI app; resources open when the server's lifespan starts."""
-    from gateway.api import account, admin, admin_keys, limits, models, ops, usage
-
-    gateway = Gateway(config, transport=transport, clock=clock)
+    """The ASGI app; the instance opens when the server's lifespan starts (then `after_start` runs, the
+    server's hook for process-wide tuning) and closes when it ends."""
 
     @contextlib.asynccontextmanager
-    async def lifespan(app: Starlette) -> Any:
-        await gateway.start()
-        from gateway.services import install_services
-
-        await install_services(gateway)
-        for extension in extensions or []:
-            await extension(gateway)
-        gateway.build_proxies()
-        settle_garbage_collector()
+    async def lifespan(api: Starlette) -> AsyncIterator[None]:
+        lifecycle = Lifecycle()
+        try:
+            gateway = await open_gateway(config, lifecycle, transport=transport, clock=clock, limits=limits,
+                                         accounting=accounting)
+        except BaseException:
+            await lifecycle.close()
+            raise
+        api.state.gateway = gateway
+        app.serve(gateway.proxies, gateway.metrics)
+        if after_start is not None:
+            after_start()
         try:
             yield
         finally:
-            await gateway.shutdown()
+            await lifecycle.close()
 
-    api = Starlette(
-        routes=[
-            *ops.routes,
-            *models.routes,
-            *account.routes,
-            *usage.routes,
-            *limits.routes,
-            *admin.routes,
-            *admin_keys.routes,
-        ],
-        lifespan=lifespan,
-        exception_handlers=EXCEPTION_HANDLERS,
-    )
-    api.state.gateway = gateway
+    api = Starlette(routes=API_ROUTES, lifespan=lifespan, exception_handlers=EXCEPTION_HANDLERS)
     app = GatewayApp(api, access_log_enabled=config.logging.access_log, cors_origins=config.server.cors_origins)
-    app.serve(gateway.proxies, gateway.metrics)
     return app
 
 
+def instance_of(app: Any) -> Gateway:
+    """The started instance behind an app from `create_app` (the demo set-up needs its services)."""
+    gateway: Gateway = app.api.state.gateway
+    return gateway

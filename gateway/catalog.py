@@ -227,9 +227,10 @@ class Catalog:
         return snapshot.prices.get(model)
 
     def is_free(self, model: str | None) -> bool:
-        """Free = a `:free` variant, or zero prompt and completion pricing in the catalogue."""
-        if model is None:
-            return False
-        if model.endswith(FREE_SUFFIX):
-            return True
-        return is_free_model(model, self.price(model))
+        """`is_free_model` with the catalogue's price (the one free-model rule)."""
+        return model is not None and is_free_model(model, self.price(model))
+
+    def is_free_generation(self, requested: str | None, served: str | None) -> bool:
+        """A generation is free when the model that served it is, or the one asked for (a `:free` request
+        routed to its paid twin is still free to the user)."""
+        return self.is_free(served) or (requested != served and self.is_free(requested))

@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import sys
-from typing import Any
 
 from gateway.accounts.byok import connect_byok
 from gateway.core.errors import GatewayError
+from gateway.instance import Gateway
 
 DEMO_USER = "demo"
 
 
-async def prepare_demo(gateway: Any, host: str, port: int) -> str:
+async def prepare_demo(gateway: Gateway, host: str, port: int) -> str:
     """Create (or reuse) the demo user, connect the emulator's key, mint a token, print how to call."""
     from openrouter_emulator.app import DEMO_KEY
 

@@ -11,6 +11,7 @@ import pytest
 
 from gateway.accounting.generations import parse_generation_id, stats_from_record
 from gateway.accounting.ledger import Ledger
+from gateway.accounting.pricing import Pricing
 from gateway.accounting.record import build_record
 from gateway.accounting.reports import (
     aggregate,
@@ -21,11 +22,11 @@ from gateway.accounting.reports import (
 )
 from gateway.accounting.settlement import Settler
 from gateway.auth.tokens import Principal, ProviderKey
-from gateway.core.config import Config, TierConfig
+from gateway.core.config import Config
 from gateway.core.errors import BadRequest
 from gateway.core.money import markup_for
 from gateway.proxy.sse import Observation, observe_body
-from gateway.proxy.types import ProxyRequest
+from gateway.proxy.types import Charge, ProxyRequest
 from gateway.store import Store
 from gateway.store.usage import COLUMNS, PENDING, SETTLED, UNSETTLED
 from gateway.upstream.client import UpstreamConnectionError
@@ -95,6 +96,28 @@ def is_free(model: str | None) -> bool:
     return bool(model and model.endswith(":free"))
 
 
+def is_free_generation(requested: str | None, served: str | None) -> bool:
+    return is_free(served) or is_free(requested)
+
+
+def charge_of(p: Principal, request: ProxyRequest, obs: Observation, *, free: bool | None = None,
+              cfg: Config | None = None) -> Charge:
+    rule = is_free_generation if free is None else (lambda requested, served: free)
+    return Pricing(cfg or Config(), rule).charge(p, request, obs)
+
+
+def record_of(p: Principal, request: ProxyRequest, obs: Observation, *, free: bool | None = None,
+              first_lookup_at: float) -> Any:
+    return build_record(p, request, obs, charge_of(p, request, obs, free=free), first_lookup_at=first_lookup_at)
+
+
+def proxied(ledger: Ledger, p: Principal, request: ProxyRequest, obs: Observation) -> Charge:
+    """What the proxy does once a generation is over: price it once, record that charge."""
+    charge = charge_of(p, request, obs)  # the tests' configs all keep the default tiers
+    ledger.record(p, request, obs, charge)
+    return charge
+
+
 @pytest.fixture
 async def store(tmp_path: Path) -> Any:
     store = await Store.open(f"sqlite:///{tmp_path}/usage.db")
@@ -109,9 +132,9 @@ def make_ledger(store: Store, clock: FakeClock, upstream: FakeUpstream, cfg: Con
     async def key_for(user_id: str) -> str | None:
         return (keys or {}).get(user_id)
 
-    settler = Settler(upstream, cfg.accounting.generation_lookup, key_for=key_for, is_free=is_free,  # type: ignore[arg-type]
-                      clock=clock)
-    return Ledger(store, cfg, is_free=is_free, settler=settler, clock=clock)
+    settler = Settler(upstream, cfg.accounting.generation_lookup, key_for=key_for,  # type: ignore[arg-type]
+                      is_free_generation=is_free_generation, clock=clock)
+    return Ledger(store, cfg, settler=settler, clock=clock)
 
 
 # -- markup and the record ------------------------------------------------------------
@@ -127,8 +150,7 @@ def make_ledger(store: Store, clock: FakeClock, upstream: FakeUpstream, cfg: Con
     ],
 )
 def test_markup_per_default_tier_is_exact(tier: str, markup: str, reason: str) -> None:
-    cfg = Config()
-    record = build_record(principal(tier), proxy_request(), observation(), tier=cfg.tier(tier), free=False,
+    record = record_of(principal(tier), proxy_request(), observation(), free=False,
                           first_lookup_at=T0 + 0.5)
     assert record.provider_cost == Decimal("0.0000021")
     assert record.markup == Decimal(markup)
@@ -138,16 +160,16 @@ def test_markup_per_default_tier_is_exact(tier: str, markup: str, reason: str) -
 
 
 def test_free_model_has_no_markup_whatever_the_tier() -> None:
-    record = build_record(principal("trial"), proxy_request(model="meta-llama/llama-3.3-70b-instruct:free"),
-                          observation(cost="0"), tier=Config().tier("trial"), free=True, first_lookup_at=T0)
+    record = record_of(principal("trial"), proxy_request(model="meta-llama/llama-3.3-70b-instruct:free"),
+                          observation(cost="0"), free=True, first_lookup_at=T0)
     assert (record.markup, record.markup_reason, record.total_cost) == (Decimal(0), "free_model", Decimal(0))
-    assert markup_for(Decimal("1.5"), "trial", TierConfig(markup_pct=Decimal(15)), free=True) == (
+    assert markup_for(Decimal("1.5"), "trial", Decimal(15), free=True) == (
         Decimal(0), "free_model")
 
 
 def test_record_keeps_every_spec_field() -> None:
     request = proxy_request(stream=True, cancelled=True)
-    record = build_record(principal(), request, observation(), tier=Config().tier("trial"), free=False,
+    record = record_of(principal(), request, observation(), free=False,
                           first_lookup_at=T0 + 0.5)
     assert (record.user_id, record.token_id, record.generation_id) == ("usr_a", "tok_1", "gen-1")
     assert (record.model_requested, record.model, record.provider) == ("openai/gpt-4o-mini",) * 2 + ("OpenAI",)
@@ -160,8 +182,8 @@ def test_record_keeps_every_spec_field() -> None:
 
 
 def test_response_without_generation_id_is_recorded_locally_and_not_looked_up() -> None:
-    record = build_record(principal(), proxy_request(request_id="req_x"), observation(generation_id=None),
-                          tier=Config().tier("trial"), free=False, first_lookup_at=T0)
+    record = record_of(principal(), proxy_request(request_id="req_x"), observation(generation_id=None),
+                          free=False, first_lookup_at=T0)
     assert record.generation_id == "gw-req_x"
     assert record.settle_status == UNSETTLED
 
@@ -169,7 +191,7 @@ def test_response_without_generation_id_is_recorded_locally_and_not_looked_up() 
 def test_cost_parsed_from_a_body_stays_decimal_exact() -> None:
     raw = b'{"id":"gen-x","model":"m","choices":[],"usage":{"prompt_tokens":1,"completion_tokens":1,"cost":1e-7}}'
     obs = observe_body(raw)
-    record = build_record(principal("starter"), proxy_request(), obs, tier=Config().tier("starter"), free=False,
+    record = record_of(principal("starter"), proxy_request(), obs, free=False,
                           first_lookup_at=T0)
     assert record.provider_cost == Decimal("1E-7")
     assert record.as_params()[COLUMNS.index("provider_cost")] == "0.0000001"
@@ -180,7 +202,7 @@ def test_float_cost_is_refused_not_rounded() -> None:
     obs = observation(cost=None)
     obs.usage = {"cost": 0.1}
     with pytest.raises(TypeError):
-        build_record(principal(), proxy_request(), obs, tier=Config().tier("trial"), free=False, first_lookup_at=T0)
+        record_of(principal(), proxy_request(), obs, free=False, first_lookup_at=T0)
 
 
 # -- the ledger: queue, listeners, batched writes --------------------------------------
@@ -199,10 +221,9 @@ async def test_record_is_queued_and_seen_at_once_then_written_in_one_batch(store
 
     store.usage.write = counting_write  # type: ignore[method-assign]
     requests = [proxy_request(request_id=f"req_{n}") for n in range(50)]
-    for n, request in enumerate(requests):
-        ledger.record(principal(), request, observation(f"gen-{n}", "0.1"))
-    # what the limits will count (charge, prompt + completion tokens), set at once
-    assert {(r.charged, r.tokens) for r in requests} == {(Decimal("0.115"), 15)}
+    charges = [proxied(ledger, principal(), request, observation(f"gen-{n}", "0.1")) for n, request in enumerate(requests)]
+    # what the limits will count (charge, prompt + completion tokens): the very amounts recorded
+    assert {(c.total, c.prompt_tokens + c.completion_tokens) for c in charges} == {(Decimal("0.115"), 15)}
     assert await store.usage.count() == 0  # nothing written on the request path
     assert (await ledger.lookup("gen-7")).total_cost == Decimal("0.115")  # type: ignore[union-attr]
     assert await ledger.flush() == 50
@@ -220,7 +241,7 @@ async def test_flush_interval_0_writes_each_record_as_soon_as_it_is_queued(store
     ledger = make_ledger(store, FakeClock(), FakeUpstream(), cfg)
     writer = asyncio.ensure_future(ledger.run_writer())
     try:
-        ledger.record(principal(), proxy_request(), observation("gen-0", "0.2"))
+        proxied(ledger, principal(), proxy_request(), observation("gen-0", "0.2"))
         for _ in range(500):  # poll the outcome; the writer itself waits on no timer
             if await store.usage.count():
                 break
@@ -234,9 +255,9 @@ async def test_flush_interval_0_writes_each_record_as_soon_as_it_is_queued(store
 async def test_retention_drops_old_finished_records_only(store: Store) -> None:
     clock = FakeClock(T0 + 40 * 86400)
     ledger = make_ledger(store, clock, FakeUpstream())
-    ledger.record(principal(), proxy_request(started=T0), observation(None, "0.1"))  # unsettled (no id)
-    ledger.record(principal(), proxy_request(started=T0, request_id="r2"), observation("gen-old", "0.1"))
-    ledger.record(principal(), proxy_request(started=clock.now, request_id="r3"), observation(None, "0.1"))
+    proxied(ledger, principal(), proxy_request(started=T0), observation(None, "0.1"))  # unsettled (no id)
+    proxied(ledger, principal(), proxy_request(started=T0, request_id="r2"), observation("gen-old", "0.1"))
+    proxied(ledger, principal(), proxy_request(started=clock.now, request_id="r3"), observation(None, "0.1"))
     await ledger.flush()
     assert await store.usage.delete_before("2026-01-31T00:00:00.000000Z") == 1  # the pending one stays
     assert await store.usage.count() == 2
@@ -245,10 +266,10 @@ async def test_retention_drops_old_finished_records_only(store: Store) -> None:
 @pytest.mark.anyio
 async def test_same_generation_twice_makes_one_record(store: Store) -> None:
     ledger = make_ledger(store, FakeClock(), FakeUpstream())
-    ledger.record(principal(), proxy_request(), observation("gen-dup", "0.2"))
-    ledger.record(principal(), proxy_request(), observation("gen-dup", "0.2"))
+    proxied(ledger, principal(), proxy_request(), observation("gen-dup", "0.2"))
+    proxied(ledger, principal(), proxy_request(), observation("gen-dup", "0.2"))
     await ledger.flush()
-    ledger.record(principal(), proxy_request(), observation("gen-dup", "0.2"))
+    proxied(ledger, principal(), proxy_request(), observation("gen-dup", "0.2"))
     await ledger.flush()
     assert await store.usage.count() == 1
     assert await store.usage.spend_since("2000-01-01") == {"usr_a": Decimal("0.230")}
@@ -257,7 +278,7 @@ async def test_same_generation_twice_makes_one_record(store: Store) -> None:
 @pytest.mark.anyio
 async def test_failed_write_keeps_records_queued(store: Store) -> None:
     ledger = make_ledger(store, FakeClock(), FakeUpstream())
-    ledger.record(principal(), proxy_request(), observation("gen-a", "0.2"))
+    proxied(ledger, principal(), proxy_request(), observation("gen-a", "0.2"))
     real_write = store.usage.write
 
     async def broken(records: Any, settlements: Any = ()) -> None:
@@ -275,9 +296,9 @@ async def test_failed_write_keeps_records_queued(store: Store) -> None:
 @pytest.mark.anyio
 async def test_spend_since_by_user_and_time(store: Store) -> None:
     ledger = make_ledger(store, FakeClock(), FakeUpstream())
-    ledger.record(principal(user_id="u1"), proxy_request(started=T0 - 10), observation("g1", "1"))
-    ledger.record(principal(user_id="u1"), proxy_request(started=T0 + 10), observation("g2", "2"))
-    ledger.record(principal(user_id="u2", tier="enterprise"), proxy_request(started=T0 + 10), observation("g3", "3"))
+    proxied(ledger, principal(user_id="u1"), proxy_request(started=T0 - 10), observation("g1", "1"))
+    proxied(ledger, principal(user_id="u1"), proxy_request(started=T0 + 10), observation("g2", "2"))
+    proxied(ledger, principal(user_id="u2", tier="enterprise"), proxy_request(started=T0 + 10), observation("g3", "3"))
     await ledger.flush()
     since = "2026-01-01T00:00:00.000000Z"
     assert await store.usage.spend_since(since) == {"u1": Decimal("2.30"), "u2": Decimal("3")}
@@ -294,7 +315,7 @@ async def test_404_then_found_settles_with_growing_backoff_and_reports_the_chang
     ledger = make_ledger(store, clock, upstream)
     changes: list[tuple[str, float, Decimal, Decimal]] = []
     ledger.on_total_changed(lambda *args: changes.append(args))
-    ledger.record(principal("trial"), proxy_request(), observation("gen-s", "0.0000021"))
+    proxied(ledger, principal("trial"), proxy_request(), observation("gen-s", "0.0000021"))
     settler = ledger.settler
 
     assert await settler.settle_due() == 0  # not due before first_delay_s
@@ -329,7 +350,7 @@ async def test_settled_before_the_first_flush_is_written_settled(store: Store) -
     ledger = make_ledger(store, clock, FakeUpstream([Decimal("0.0000021")]))
     changes: list[Any] = []
     ledger.on_total_changed(lambda *args: changes.append(args))
-    ledger.record(principal("starter"), proxy_request(), observation("gen-q", "0.0000021"))
+    proxied(ledger, principal("starter"), proxy_request(), observation("gen-q", "0.0000021"))
     clock.now = T0 + 1
     await ledger.settler.settle_due()
     await ledger.flush()
@@ -343,7 +364,7 @@ async def test_never_settles_keeps_provisional_cost_and_is_marked_unsettled(stor
     clock = FakeClock()
     upstream = FakeUpstream(default=404)
     ledger = make_ledger(store, clock, upstream, config(attempts=3))
-    ledger.record(principal("trial"), proxy_request(), observation("gen-n", "0.5"))
+    proxied(ledger, principal("trial"), proxy_request(), observation("gen-n", "0.5"))
     for _ in range(10):
         clock.now += 10
         await ledger.settler.settle_due()
@@ -360,7 +381,7 @@ async def test_never_settles_keeps_provisional_cost_and_is_marked_unsettled(stor
 async def test_upstream_down_counts_as_a_failed_attempt(store: Store) -> None:
     clock = FakeClock()
     ledger = make_ledger(store, clock, FakeUpstream(["down", Decimal("0.5")]))
-    ledger.record(principal("enterprise"), proxy_request(), observation("gen-d", "0.4"))
+    proxied(ledger, principal("enterprise"), proxy_request(), observation("gen-d", "0.4"))
     for _ in range(3):
         clock.now += 5
         await ledger.settler.settle_due()
@@ -374,7 +395,7 @@ async def test_upstream_down_counts_as_a_failed_attempt(store: Store) -> None:
 async def test_pending_lookups_resume_after_a_restart(store: Store) -> None:
     clock = FakeClock()
     first = make_ledger(store, clock, FakeUpstream(default=404))
-    first.record(principal("professional"), proxy_request(), observation("gen-r", "0.2"))
+    proxied(first, principal("professional"), proxy_request(), observation("gen-r", "0.2"))
     clock.now = T0 + 0.5
     await first.settler.settle_due()
     await first.close()  # graceful shutdown: flushed, look-up still pending
@@ -397,7 +418,7 @@ async def test_pending_lookups_resume_after_a_restart(store: Store) -> None:
 async def test_no_key_after_restart_leaves_the_provisional_cost(store: Store) -> None:
     clock = FakeClock()
     first = make_ledger(store, clock, FakeUpstream())
-    first.record(principal(), proxy_request(), observation("gen-k", "0.2"))
+    proxied(first, principal(), proxy_request(), observation("gen-k", "0.2"))
     await first.flush()
     second = make_ledger(store, clock, FakeUpstream(), keys={})
     await second.settler.resume(store)
@@ -443,7 +464,7 @@ async def test_report_totals_equal_the_sum_of_records_exactly(store: Store) -> N
     costs = ["0.1", "0.2", "0.0000003", "1E-9", "7.123456789"]
     for n, cost in enumerate(costs):
         model = "m/a" if n % 2 else "m/b:free"
-        ledger.record(principal("trial" if n < 3 else "starter", user_id=f"u{n % 2}"),
+        proxied(ledger, principal("trial" if n < 3 else "starter", user_id=f"u{n % 2}"),
                       proxy_request(model=model, started=T0 + n), observation(f"g{n}", cost, model=model))
     await ledger.flush()
     records = await store.usage.between("2026-01-01")
@@ -465,7 +486,7 @@ async def test_report_totals_equal_the_sum_of_records_exactly(store: Store) -> N
 def test_generation_from_the_record_alone_satisfies_the_sdk_schema() -> None:
     from openrouter.components import GenerationResponse
 
-    record = build_record(principal(), proxy_request(), observation(), tier=Config().tier("trial"), free=False,
+    record = record_of(principal(), proxy_request(), observation(), free=False,
                           first_lookup_at=T0)
     data = {k: (float(v) if isinstance(v, Decimal) else v) for k, v in stats_from_record(record).items()}
     GenerationResponse.model_validate({"data": data})

@@ -18,7 +18,7 @@ from gateway.auth.tokens import Principal
 from gateway.catalog import ModelPrice
 from gateway.core.config import Config
 from gateway.core.errors import PaymentRequired, RateLimited
-from gateway.core.money import PICO, charged, to_pico
+from gateway.core.money import PICO, charged, markup_for, to_pico
 from gateway.core.windows import SlidingWindow, period_end, period_id
 from gateway.limits.estimates import (
     SMALL_BODY_BYTES,
@@ -31,8 +31,7 @@ from gateway.limits.in_memory import MemoryCounters
 from gateway.limits.in_redis import RedisCounters
 from gateway.limits.limiter import Limiter
 from gateway.limits.policy import Limits, Refusal, first_refusal
-from gateway.proxy.sse import Observation
-from gateway.proxy.types import ProxyRequest
+from gateway.proxy.types import Charge, ProxyRequest
 
 # 2025-03-10 is a Monday; 12:00:30 UTC leaves room before every boundary the tests cross on purpose.
 T0 = datetime(2025, 3, 10, 12, 0, 30, tzinfo=timezone.utc).timestamp()
@@ -57,14 +56,6 @@ class FakeCatalog:
 
     def is_free(self, model: str | None) -> bool:
         return bool(model) and (model.endswith(":free") or (p := self.price(model)) is not None and p.free)
-
-
-class FakeLedger:
-    def __init__(self) -> None:
-        self.changed: list[Any] = []
-
-    def on_total_changed(self, cb: Any) -> None:
-        self.changed.append(cb)
 
 
 def make(counters: Any, markup: str = "0", **tier: Any) -> tuple[Limiter, Clock]:
@@ -103,8 +94,12 @@ def request(model: str | None = PAID, started: float = T0, **body: Any) -> Proxy
                         started=started, request_id="req")
 
 
-def used(cost: str, prompt: int = 1, completion: int = 1) -> Observation:
-    return Observation(usage={"prompt_tokens": prompt, "completion_tokens": completion, "cost": Decimal(cost)})
+def used(cost: str, prompt: int = 1, completion: int = 1, *, markup: str = "0", free: bool = False) -> Charge:
+    """The charge of a generation as pricing makes it (accounting records the same one)."""
+    provider = Decimal(cost)
+    pct = Decimal(0) if free else Decimal(markup)
+    fee, reason = markup_for(provider, "t", pct, free=free)
+    return Charge(provider, fee, provider + fee, to_pico(provider + fee), pct, reason, free, prompt, completion, 0, 0)
 
 
 def headers(error: Exception) -> dict[str, str]:
@@ -242,7 +237,7 @@ def test_a_quote_is_the_estimate_charged_at_the_tier_markup_in_picodollars() -> 
                  {"messages": [{"content": "ab", "text": "cdefg"}, "hij"], "prompt": "k"}, {"messages": []}):
         tokens = prompt_tokens_bound(body) + (completion_tokens_cap(body) or 0)
         for p in (price, odd, None):
-            exact = charged(estimate_cost(p, body, Decimal("0.5")), tier, free=False) * PICO
+            exact = charged(estimate_cost(p, body, Decimal("0.5")), tier.markup_pct) * PICO
             quoted = Quote(p, tier, Decimal("0.5")).estimate(body)
             assert isinstance(quoted, int) and exact <= quoted < exact + tokens + 2, (body, p)
             if p is not odd:
@@ -256,8 +251,8 @@ async def test_daily_budget_refuses_with_402_until_midnight(counters: Any) -> No
     # each request: 1 prompt token ($1) + 2 completion tokens ($4) = $5 reserved; charged $3 × 1.5 = $4.5
     for _ in range(2):
         ticket = await limiter.admit(p, request(max_tokens=2))
-        ticket.release(used("3"))
-    (await limiter.admit(p, request(max_tokens=2))).release(used("1"))  # $9 < $10: still admitted
+        ticket.release(used("3", markup="50"))
+    (await limiter.admit(p, request(max_tokens=2))).release(used("1", markup="50"))  # $9 < $10: still admitted
     with pytest.raises(PaymentRequired) as refused:
         await limiter.admit(p, request(max_tokens=2))
     err = refused.value
@@ -344,7 +339,7 @@ async def test_free_models_cost_nothing_but_count_against_request_limits(counter
         await limiter.admit(p, request(max_tokens=1))
     for _ in range(2):
         ticket = await limiter.admit(p, request(FREE, max_tokens=1000))
-        ticket.release(used("0.3"))  # even if a cost were reported, a free model charges nothing
+        ticket.release(used("0", free=True))  # a free model reserves nothing and carries no markup
     with pytest.raises(RateLimited):
         await limiter.admit(p, request(FREE))
     _, snapshot, _ = await limiter.standing(p)
@@ -369,24 +364,15 @@ async def test_request_limits_are_checked_before_budgets(counters: Any) -> None:
 
 
 @pytest.mark.anyio
-async def test_with_the_ledger_spend_comes_from_its_records_and_corrections(counters: Any) -> None:
-    from gateway.limits.limiter import attach_ledger
-
+async def test_spend_is_the_charge_released_then_the_ledgers_corrections(counters: Any) -> None:
     limiter, clock = make(counters, daily_budget_usd="10", tokens_per_hour=1000)
-    ledger = FakeLedger()
-    attach_ledger(limiter, ledger)
-    attach_ledger(limiter, ledger)
-    assert len(ledger.changed) == 1
     p = principal()
-    recorded = request(max_tokens=2)
-    ticket = await limiter.admit(p, recorded)
-    recorded.charged, recorded.tokens = Decimal("4"), 30  # what accounting recorded (markup in), not the usage
-    ticket.release(used("3", prompt=1, completion=2))
-    ticket.release(used("3", prompt=1, completion=2))  # a second release changes nothing
-    unrecorded = request(max_tokens=2)
-    (await limiter.admit(p, unrecorded)).release(None)  # never reached the upstream: nothing charged
-    ledger.changed[0]("u1", clock.now, Decimal("4"), Decimal("4.25"))
-    ledger.changed[0]("u1", clock.now - 86400, Decimal("1"), Decimal("2"))  # yesterday: not today's budget
+    ticket = await limiter.admit(p, request(max_tokens=2))
+    ticket.release(used("4", prompt=10, completion=20))  # the very charge accounting recorded (markup in)
+    ticket.release(used("4", prompt=10, completion=20))  # a second release changes nothing
+    (await limiter.admit(p, request(max_tokens=2))).release(None)  # never reached the upstream: nothing charged
+    limiter.on_total_changed("u1", clock.now, Decimal("4"), Decimal("4.25"))  # settlement's correction
+    limiter.on_total_changed("u1", clock.now - 86400, Decimal("1"), Decimal("2"))  # yesterday: not today's budget
     _, snapshot, _ = await limiter.standing(p)
     assert snapshot.spend["day"] == Decimal("4.25") and snapshot.spend["all"] == Decimal("5.25")
     assert sum(snapshot.tokens.values()) == 30 and snapshot.reserved == 0

@@ -13,13 +13,15 @@ from typing import Any, AsyncIterator
 import orjson
 import pytest
 
+from gateway.accounting.pricing import Pricing
 from gateway.auth.tokens import Principal, ProviderKey, bearer
+from gateway.core.config import Config
 from gateway.core.errors import RateLimited, Unauthorized
 from gateway.proxy.body import read_body
 from gateway.proxy.endpoint import ProxyEndpoint
 from gateway.proxy.sse import Observation
 from gateway.proxy.stop import EmergencyStop
-from gateway.proxy.types import ProxyRequest
+from gateway.proxy.types import Charge, ProxyRequest
 from gateway.upstream.client import UpstreamClient, UpstreamConnectionError
 
 BASE = "https://openrouter.test/api/v1"
@@ -109,17 +111,32 @@ class FakeTransport:
 class Recorder:
     def __init__(self) -> None:
         self.records: list[tuple[Principal, ProxyRequest, Observation]] = []
+        self.charges: list[Charge] = []
 
-    def record(self, principal: Principal, request: ProxyRequest, observation: Observation) -> None:
+    def record(self, principal: Principal, request: ProxyRequest, observation: Observation, charge: Charge) -> None:
         self.records.append((principal, request, observation))
+        self.charges.append(charge)
 
 
 class Ticket:
     def __init__(self) -> None:
-        self.released: list[Observation | None] = []
+        self.released: list[Charge | None] = []
 
-    def release(self, observation: Observation | None) -> None:
-        self.released.append(observation)
+    def release(self, charge: Charge | None) -> None:
+        self.released.append(charge)
+
+
+class State:
+    """The emergency stop's shared value, in memory."""
+
+    def __init__(self) -> None:
+        self.values: dict[str, str] = {}
+
+    async def get(self, name: str) -> str | None:
+        return self.values.get(name)
+
+    async def set(self, name: str, value: str) -> None:
+        self.values[name] = value
 
 
 class Admission:
@@ -185,7 +202,7 @@ class Harness:
         self.sleeps: list[float] = []
         self.recorder = Recorder()
         self.admission = admission or Admission()
-        self.stop = EmergencyStop()
+        self.stop = EmergencyStop(State())  # type: ignore[arg-type]
         self.streams: dict[str, Any] = {}
 
         async def sleep(seconds: float) -> None:
@@ -199,6 +216,7 @@ class Harness:
             max_body_bytes=max_body_bytes,
             attribution=attribution if attribution is not None else {
                 "HTTP-Referer": "https://platform.example", "X-OpenRouter-Title": "Platform"},
+            pricing=Pricing(Config(), lambda requested, served: False),
             admission=self.admission,
             recorder=self.recorder,
             streams=self.streams,
@@ -376,7 +394,8 @@ async def test_json_response_passes_through_with_clean_headers_and_is_observed()
     [(_, request, observation)] = harness.recorder.records
     assert request.status == 200 and not request.stream and not request.cancelled
     assert observation.generation_id == "gen-1" and observation.usage["cost"] == Decimal("0.0000015")
-    assert harness.admission.tickets[0].released == [observation]
+    assert harness.admission.tickets[0].released == harness.recorder.charges  # one charge, counted by both
+    assert harness.recorder.charges[0].provider_cost == Decimal("0.0000015")
 
 
 @pytest.mark.anyio
@@ -474,7 +493,7 @@ async def test_client_disconnect_closes_the_upstream_at_once():
     assert upstream.closed == 1 and [m["body"] for m in client.sent[1:]] == STREAM[:2]
     [(_, request, observation)] = harness.recorder.records
     assert request.cancelled and observation.generation_id == "gen-2"
-    assert harness.streams == {} and harness.admission.tickets[0].released == [observation]
+    assert harness.streams == {} and harness.admission.tickets[0].released == harness.recorder.charges
 
 
 @pytest.mark.anyio

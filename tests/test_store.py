@@ -17,8 +17,8 @@ from typing import Any, AsyncIterator
 
 import pytest
 
-from gateway.store import Store
-from gateway.store.database import IntegrityError, connect
+from gateway.store import Store, connect
+from gateway.store.database import IntegrityError
 from gateway.store.migrate import _migrations, migrate
 from gateway.store.postgres import _count, _numbered
 

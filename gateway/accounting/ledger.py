@@ -1,10 +1,9 @@
 """The usage ledger: every generation's cost, markup and tokens, recorded off the request path.
 
 `Ledger.record` is the proxy's `Recorder` hook. It turns what the response said (the
-`Observation`) into a `UsageRecord` priced provisionally from `usage.cost`, sets the
-request's `charged` (the limits count it as the request's ticket is released; later
-corrections reach them through `on_total_changed`), and queues the record; nothing on the request
-path waits on the database. A background writer flushes the queue in one transaction
+`Observation`) and its `Charge` (pricing.py, the same one the limits count) into a
+`UsageRecord`, and queues it; nothing on the request path waits on the database. Later
+corrections reach the limits through `on_total_changed`. A background writer flushes the queue in one transaction
 every `accounting.flush_interval_ms` (0: the writer wakes for each record, so it is
 written within milliseconds of the response ending). The `Settler` (settlement.py) then
 replaces the provisional cost with OpenRouter's authoritative `total_cost`.
@@ -12,7 +11,7 @@ replaces the provisional cost with OpenRouter's authoritative `total_cost`.
 Guarantees:
 - One record per generation id (duplicates are dropped by the store's primary key).
 - Money is Decimal from the parsed response to the TEXT column; markup comes only from
-  `gateway.money.markup_for`, with the tier in force when the request was made.
+  `gateway.core.money.markup_for`, with the tier in force when the request was made.
 - Graceful shutdown flushes everything (`close`); after kill -9 at most the records of
   the last flush interval are missing. Records whose cost look-up is still pending are
   stored as `pending` with their next attempt time and resume after a restart.
@@ -23,21 +22,18 @@ from __future__ import annotations
 import asyncio
 import logging
 from decimal import Decimal
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
-from gateway.accounting.pacing import CpuMeter, Pacer
+from gateway.accounting.record import build_record
 from gateway.accounting.settlement import KeyLookup, Settler
 from gateway.auth.tokens import Principal
 from gateway.core.clock import Clock, iso, system_clock
 from gateway.core.config import Config
 from gateway.proxy.sse import Observation
-from gateway.proxy.types import ProxyRequest
+from gateway.proxy.types import Charge, ProxyRequest
+from gateway.security.vault import Vault
 from gateway.store import Store
 from gateway.store.usage import PENDING, Settlement, UsageRecord
-
-if TYPE_CHECKING:
-    from gateway.app import Gateway
-from gateway.accounting.record import build_record, usage_tokens
 
 log = logging.getLogger("gateway.accounting.ledger")
 
@@ -52,13 +48,10 @@ class Ledger:
         store: Store,
         config: Config,
         *,
-        is_free: Callable[[str | None], bool],
         settler: Settler,
         clock: Clock = system_clock,
     ) -> None:
         self._store = store
-        self._config = config
-        self._is_free = is_free
         self._clock = clock
         self.settler = settler
         self.flush_interval_s = config.accounting.flush_interval_ms / 1000
@@ -87,26 +80,17 @@ class Ledger:
 
     # -- the proxy hook ---------------------------------------------------------
 
-    def record(self, principal: Principal, request: ProxyRequest, observation: Observation) -> None:
+    def record(self, principal: Principal, request: ProxyRequest, observation: Observation, charge: Charge) -> None:
         """Queue the generation's record; never blocks, never raises into the proxy."""
         first_lookup_at = self._clock() + self._first_delay_s
         try:
-            served = observation.model or request.model
-            record = build_record(
-                principal,
-                request,
-                observation,
-                tier=self._config.tier(principal.tier),
-                free=self._is_free(served) or (request.model != served and self._is_free(request.model)),
-                first_lookup_at=first_lookup_at,
-            )
+            record = build_record(principal, request, observation, charge, first_lookup_at=first_lookup_at)
         except Exception:
             log.exception("could not build a usage record for request %s", request.request_id)
             return
         if record.generation_id in self._unwritten:
             return  # the same generation reported twice: one record
         self._unwritten[record.generation_id] = record
-        request.charged, request.tokens = record.total_cost, record.tokens  # the limits count these on release
         if record.settle_status == PENDING and principal.key is not None:
             self.settler.schedule(record, key=principal.key.secret, due=first_lookup_at, created_ts=request.started)
         if self.flush_interval_s == 0:
@@ -203,15 +187,15 @@ class Ledger:
                 await asyncio.sleep(0.2)
 
 
-def key_lookup(gateway: "Gateway") -> KeyLookup:
+def key_lookup(store: Store, vault: Vault) -> KeyLookup:
     """The user's current decrypted OpenRouter key, for look-ups resumed after a restart."""
 
     async def lookup(user_id: str) -> str | None:
-        row = await gateway.store.keys.get(user_id)
+        row = await store.keys.get(user_id)
         if row is None:
             return None
         try:
-            return gateway.vault.decrypt(row["ciphertext"])
+            return vault.decrypt(row["ciphertext"])
         except Exception:
             log.error("the stored key of user %s cannot be decrypted; its generations stay provisional", user_id)
             return None
@@ -219,31 +203,4 @@ def key_lookup(gateway: "Gateway") -> KeyLookup:
     return lookup
 
 
-async def install_accounting(gateway: "Gateway") -> Ledger:
-    """Create `gateway.ledger`, make it the proxy's recorder, start its jobs, flush at shutdown."""
-    config = gateway.config
-    lookup = config.accounting.generation_lookup
-    meter = CpuMeter()
-    settler = Settler(
-        gateway.upstream,
-        lookup,
-        key_for=key_lookup(gateway),
-        is_free=gateway.catalog.is_free,
-        clock=gateway.clock,
-        pacer=Pacer(meter, busy_share=lookup.busy_cpu_share, floor_per_s=lookup.busy_floor_per_s),
-    )
-    ledger = Ledger(gateway.store, config, is_free=gateway.catalog.is_free, settler=settler, clock=gateway.clock)
-    gateway.ledger = ledger  # type: ignore[attr-defined]
-    gateway.recorder = ledger
-    await settler.resume(gateway.store)
-    gateway.spawn(ledger.run_writer())
-    gateway.spawn(settler.run())
-    gateway.spawn(meter.run())
-    gateway.metrics.gauge("gateway_settlements_pending", lambda: settler.pending)
-    if config.jobs.usage_retention_days:
-        gateway.spawn(ledger.run_retention(config.jobs.usage_retention_days))
-    gateway.on_shutdown(ledger.close)
-    return ledger
-
-
-__all__ = ["Ledger", "build_record", "install_accounting", "usage_tokens"]
+__all__ = ["Ledger", "key_lookup"]

@@ -13,8 +13,6 @@ is the provisional one until it settles.
 
 from __future__ import annotations
 
-import argparse
-import asyncio
 import csv
 import io
 from dataclasses import dataclass, field
@@ -23,8 +21,7 @@ from decimal import Decimal
 from typing import Any, Iterable
 
 from gateway.core import windows
-from gateway.core.clock import Clock, iso, system_clock
-from gateway.core.config import Config
+from gateway.core.clock import iso
 from gateway.core.errors import BadRequest
 from gateway.store import Store
 from gateway.store.usage import SETTLED, UsageRecord
@@ -170,29 +167,3 @@ def report_table(report: dict[str, Any]) -> str:
 
 def _text(value: Any) -> str:
     return format(value, "f") if isinstance(value, Decimal) else str(value)
-
-
-def run_usage_command(args: argparse.Namespace, config: Config, *, clock: Clock = system_clock) -> None:
-    """`gateway usage report`: the same report as the API, from the database. Bad options exit 2."""
-    period = choice("period", args.period, PERIODS, "month")
-    fmt = choice("format", args.format, CLI_FORMATS, "table")
-    group_by = "model" if args.user else "user"
-
-    async def work() -> dict[str, Any]:
-        store = await Store.open(config.database.url)
-        try:
-            return await usage_report(store, period=period, group_by=group_by, user_id=args.user, now=clock())
-        finally:
-            await store.close()
-
-    report = asyncio.run(work())
-    if fmt == "json":
-        from gateway.api.common import (
-            dumps,  # exact Decimal JSON, the same bytes the API writes
-        )
-
-        print(dumps(report).decode())
-    elif fmt == "csv":
-        print(report_csv(report), end="")
-    else:
-        print(report_table(report), end="")

@@ -32,7 +32,7 @@ import orjson
 
 from gateway.accounting.pacing import Pacer
 from gateway.core.clock import Clock, iso, parse_iso, system_clock
-from gateway.core.config import GenerationLookupConfig, TierConfig
+from gateway.core.config import GenerationLookupConfig
 from gateway.core.money import markup_for, to_decimal
 from gateway.store.usage import PENDING, SETTLED, UNSETTLED, Settlement, UsageRecord
 from gateway.upstream.client import UpstreamClient, UpstreamConnectionError
@@ -109,7 +109,7 @@ class Settler:
         lookup: GenerationLookupConfig,
         *,
         key_for: KeyLookup,
-        is_free: Callable[[str | None], bool] = lambda model: False,
+        is_free_generation: Callable[[str | None, str | None], bool] = lambda requested, served: False,
         clock: Clock = system_clock,
         concurrency: int = 16,
         pacer: Pacer | None = None,
@@ -117,7 +117,7 @@ class Settler:
         self._upstream = upstream
         self._cfg = lookup
         self._key_for = key_for
-        self._is_free = is_free
+        self._is_free_generation = is_free_generation
         self._clock = clock
         self._ledger: "Ledger | None" = None
         self._heap: list[tuple[float, int, PendingGeneration]] = []
@@ -246,8 +246,8 @@ class Settler:
 
     def _settled(self, pending: PendingGeneration, cost: Decimal, data: dict[str, Any]) -> None:
         model = data.get("model") if isinstance(data.get("model"), str) else pending.model
-        free = pending.free or self._is_free(model)
-        markup, reason = markup_for(cost, pending.tier, TierConfig(markup_pct=pending.markup_pct), free=free)
+        free = pending.free or self._is_free_generation(pending.model, model)
+        markup, reason = markup_for(cost, pending.tier, pending.markup_pct, free=free)
         self._apply(pending, Settlement(
             generation_id=pending.generation_id,
             provider_cost=cost,

@@ -14,23 +14,20 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import sys
 import time
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 from gateway.core.clock import Clock, iso, system_clock
-from gateway.core.errors import BadGateway, NotFound, PaymentRequired
+from gateway.core.errors import BadGateway, PaymentRequired
 from gateway.security.vault import Vault, VaultError
 from gateway.store import Store
 from gateway.upstream.client import UpstreamClient
 from gateway.upstream.credits import CreditsUnavailable, Pace, fetch_credits
 
 if TYPE_CHECKING:
-    import argparse
 
-    from gateway.app import Gateway
-    from gateway.core.config import Config
+    pass
 
 log = logging.getLogger("gateway.accounts.credit_sync")
 LAST_RUN = "credit_sync_last_run"
@@ -183,64 +180,3 @@ async def _unpaced() -> None:
 
 async def _one(user_id: str) -> Any:
     yield user_id
-
-
-async def install_credit_sync(gateway: "Gateway") -> None:
-    """Attach the job to the gateway and schedule it."""
-    cfg = gateway.config.jobs
-    sync = CreditSync(gateway.store, gateway.vault, gateway.upstream, rate_per_s=cfg.credit_sync_rate_per_s,
-                      clock=gateway.clock)
-    gateway.credit_sync = sync  # type: ignore[attr-defined]
-    gateway.on_shutdown(sync.stop)
-    if cfg.credit_sync_interval_s > 0:
-        gateway.spawn(sync.run_periodically(cfg.credit_sync_interval_s))
-
-
-# -- `gateway sync-credits [--user]` ---------------------------------------------------
-
-
-def progress_bar(stream: Any = None, width: int = 30) -> Progress:
-    """A one-line progress bar on stderr, redrawn in place."""
-    out = stream or sys.stderr
-
-    def draw(done: int, total: int) -> None:
-        filled = width * done // total if total else width
-        out.write(f"\rsyncing credits [{'#' * filled}{'.' * (width - filled)}] {done}/{total} users")
-        if done >= total:
-            out.write("\n")
-        out.flush()
-
-    return draw
-
-
-def run_sync_command(args: "argparse.Namespace", config: "Config") -> None:
-    import orjson
-
-    from gateway.upstream.client import make_transport
-
-    async def run() -> SyncReport:
-        vault = Vault.from_sources(config.security.master_keys, config.security.master_key_file)
-        store = await Store.open(config.database.url)
-        up = config.upstream
-        upstream = UpstreamClient(
-            make_transport(up.client, pool_size=4, connect_timeout_s=up.connect_timeout_s,
-                           read_timeout_s=up.read_timeout_s),
-            up.base_url, retries=up.retries, backoff_base_s=up.backoff_base_s, backoff_max_s=up.backoff_max_s,
-        )
-        try:
-            if args.user is not None:
-                if await store.users.get(args.user) is None:
-                    raise NotFound(f"no user {args.user!r} (see `gateway users list`)")
-                if await store.keys.get(args.user) is None:
-                    raise NotFound(f"user {args.user!r} has no OpenRouter key to sync")
-            sync = CreditSync(store, vault, upstream, rate_per_s=config.jobs.credit_sync_rate_per_s)
-            return await sync.sync_all(user_id=args.user, progress=progress_bar())
-        finally:
-            await upstream.close()
-            await store.close()
-
-    report = asyncio.run(run())
-    sys.stdout.write(orjson.dumps(report.public()).decode() + "\n")
-    if report.failed:
-        sys.stderr.write(f"gateway: {report.failed} user(s) could not be synced; their last good credits are kept.\n")
-        sys.exit(1)

@@ -32,7 +32,7 @@ import logging
 import secrets
 import weakref
 from decimal import Decimal, InvalidOperation
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 from gateway.accounts.byok import describe_key
 from gateway.core.clock import Clock, parse_iso, system_clock
@@ -42,9 +42,6 @@ from gateway.security.vault import Vault, mask_key
 from gateway.store import Store
 from gateway.store.managed_keys import ManagedKeyOperations
 from gateway.upstream.key_api import KeyApi, KeyApiError
-
-if TYPE_CHECKING:
-    from gateway.app import Gateway
 
 log = logging.getLogger("gateway.accounts.provisioning")
 MISSING: Any = object()
@@ -321,33 +318,22 @@ class Provisioner:
             details={"operation": op["operation"], "phase": op["phase"], "outcome": outcome},
         )
 
+    async def run_recovery(self, interval_s: float = 60.0) -> None:
+        """At start, finish whatever a crash left (safe even if another instance races it); then, every
+        `interval_s`, operations left stale."""
+        only_stale = False
+        while True:
+            if self.key_api.configured:
+                try:
+                    await self.recover(only_stale=only_stale)
+                except Exception:
+                    log.exception("managed-key recovery pass failed; retrying")
+            only_stale = True
+            await asyncio.sleep(interval_s)
+
     async def _quietly(self, work: Any) -> None:
         try:
             await work
         except Exception as exc:
             log.warning("rolling back an unconfirmed key creation failed (%s); recovery will retry",
                         getattr(exc, "message", type(exc).__name__))
-
-
-async def install_provisioning(gateway: "Gateway", *, recovery_interval_s: float = 60.0) -> Provisioner:
-    """Attach the provisioner, the key-removal hook the DELETE routes call, and the recovery job."""
-    provisioner = Provisioner(
-        gateway.store, gateway.vault, KeyApi(gateway.upstream, gateway.management_key), gateway.config,
-        clock=gateway.clock, forget_user=gateway.auth.forget_user,
-    )
-    gateway.provisioning = provisioner  # type: ignore[attr-defined]
-    gateway.remove_openrouter_key = provisioner.remove  # type: ignore[attr-defined]
-
-    async def recovery() -> None:
-        only_stale = False  # at start: finish whatever a crash left (safe even if another instance races it)
-        while True:
-            if provisioner.key_api.configured:
-                try:
-                    await provisioner.recover(only_stale=only_stale)
-                except Exception:
-                    log.exception("managed-key recovery pass failed; retrying")
-            only_stale = True
-            await asyncio.sleep(recovery_interval_s)
-
-    gateway.spawn(recovery())
-    return provisioner

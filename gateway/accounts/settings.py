@@ -28,7 +28,6 @@ import orjson
 from gateway.core.errors import BadRequest
 
 if TYPE_CHECKING:
-    from gateway.app import Gateway
     from gateway.auth.tokens import Principal
     from gateway.proxy.types import ProxyRequest
     from gateway.store import Store
@@ -223,12 +222,3 @@ class DefaultsPreparer:
             request.model = fill["model"]
         request.raw = raw
         return raw
-
-
-async def install_settings(gateway: "Gateway") -> None:
-    """Load every user's preferences, keep them fresh, and apply them on the proxy path."""
-    book = SettingsBook(gateway.store)
-    await book.load_all()
-    gateway.auth.on_user_change(book.on_user_change)
-    gateway.user_settings = book  # type: ignore[attr-defined]
-    gateway.preparer = DefaultsPreparer(book)

@@ -128,7 +128,7 @@ async def account(request: Request) -> Response:
         "sync_error": row["error"] if row else None,
         "usage_this_month": usage,
         "free_models": free,
-        "settings": gateway.user_settings.get(user_id).public(),
+        "settings": gateway.settings.get(user_id).public(),
     })
 
 
@@ -148,15 +148,7 @@ async def openrouter_key(request: Request) -> Response:
                                          details={"last4": described["last4"], "replaced": previous})
         return json_response({"key": {"connected": True, "kind": "byok", "label": masked(described["last4"]),
                                       "last4": described["last4"], "disabled": False}})
-    remover = getattr(gateway, "remove_openrouter_key", None)
-    if remover is not None:  # managed keys are deleted upstream too (provisioning installs this)
-        removed = await remover(user_id, actor=actor)
-    else:
-        row = await gateway.store.keys.get(user_id)
-        removed = row is not None and await gateway.store.keys.delete(user_id)
-        if removed:
-            await gateway.store.audit.append(actor=actor, action="key.delete", user_id=user_id,
-                                             details={"kind": row["kind"], "last4": row["last4"]})
+    removed = await gateway.provisioner.remove(user_id, actor=actor)  # a managed key is deleted upstream too
     gateway.auth.forget_user(user_id)
     if not removed:
         raise NotFound("No OpenRouter key is connected to your account.")
@@ -168,7 +160,7 @@ async def openrouter_key(request: Request) -> Response:
 
 async def settings(request: Request) -> Response:
     principal = await principal_of(request)
-    book = gateway_of(request).user_settings
+    book = gateway_of(request).settings
     if request.method == "PUT":
         changes = validate_changes(await json_body(request))
         return json_response((await book.update(principal.user_id, changes)).public())

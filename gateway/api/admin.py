@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import orjson
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
@@ -54,9 +53,8 @@ async def user(request: Request) -> Response:
         return json_response(await gateway.directory.show_user(user_id))
     if request.method == "PATCH":
         return json_response(await gateway.directory.update_user(user_id, await json_body(request)))
-    remover = getattr(gateway, "remove_openrouter_key", None)
-    if remover is not None and await gateway.directory.get_user(user_id):
-        await remover(user_id, actor="admin")  # a managed key is deleted upstream, not orphaned
+    if await gateway.directory.get_user(user_id):
+        await gateway.provisioner.remove(user_id, actor="admin")  # a managed key is deleted upstream, not orphaned
     await gateway.directory.delete_user(user_id)
     return Response(status_code=204)
 
@@ -101,15 +99,7 @@ async def openrouter_key(request: Request) -> Response:
         )
         return json_response(described)
     await gateway.directory.get_user(user_id)
-    remover = getattr(gateway, "remove_openrouter_key", None)
-    if remover is not None:  # managed keys are deleted upstream too (provisioning installs this)
-        removed = await remover(user_id, actor="admin")
-    else:
-        row = await gateway.store.keys.get(user_id)
-        removed = row is not None and await gateway.store.keys.delete(user_id)
-        if removed:
-            await gateway.store.audit.append(actor="admin", action="key.delete", user_id=user_id,
-                                              details={"kind": row["kind"], "label": row["label"]})
+    removed = await gateway.provisioner.remove(user_id, actor="admin")  # a managed key is deleted upstream too
     if not removed:
         raise NotFound(f"User {user_id!r} has no OpenRouter key.")
     gateway.auth.forget_user(user_id)
@@ -126,9 +116,7 @@ async def emergency_stop(request: Request) -> Response:
         only_fields(body, ("enabled", "reason"))
         enabled = field_of(body, "enabled", bool, required=True)
         reason = field_of(body, "reason", str)
-        value = {"enabled": enabled, "reason": reason if enabled else None}
-        await gateway.store.state.set("emergency_stop", orjson.dumps(value).decode())
-        await gateway.load_emergency_stop()
+        await gateway.stop.set(enabled, reason)
         await gateway.store.audit.append(
             actor="admin", action="emergency_stop.on" if enabled else "emergency_stop.off",
             details={"reason": reason},

@@ -16,7 +16,7 @@ PREFIX = "/admin/v1"
 def _provisioner(request: Request) -> Any:
     gateway = gateway_of(request)
     gateway.admin.check(request.headers.get("authorization"))
-    return gateway.provisioning
+    return gateway.provisioner
 
 
 async def managed_key(request: Request) -> Response:

@@ -18,8 +18,8 @@ from gateway.core.errors import (
 from gateway.core.money import dumps
 
 if TYPE_CHECKING:
-    from gateway.app import Gateway
     from gateway.auth.tokens import Principal
+    from gateway.instance import Gateway
 
 
 def gateway_of(request: Request) -> "Gateway":

@@ -13,7 +13,7 @@ import asyncio
 import hmac
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable
 
 from cachetools import LRUCache, TTLCache
 
@@ -79,6 +79,7 @@ class Authenticator:
         self.poll_interval_s = poll_interval_s
         self.last_used: dict[str, float] = {}
         self._user_listeners: list[Callable[[str], None]] = []
+        self._state_listeners: list[Callable[[str], Awaitable[None]]] = []
         self._generation = 0  # bumped by every invalidation; a load that raced one is not cached
 
     async def authenticate(self, authorization: str | None) -> Principal:
@@ -163,6 +164,10 @@ class Authenticator:
         """Call `listener(user_id)` whenever a user's cached state is dropped (any instance's change)."""
         self._user_listeners.append(listener)
 
+    def on_state_change(self, listener: Callable[[str], Awaitable[None]]) -> None:
+        """Await `listener(name)` when a shared value (`store.state`) changes on any instance."""
+        self._state_listeners.append(listener)
+
     def forget_user(self, user_id: str) -> None:
         self._generation += 1
         for listener in self._user_listeners:
@@ -199,6 +204,7 @@ class Authenticator:
         """
         rows = await self._store.changes.since(self._last_seq)
         applied = 0
+        states: list[str] = []
         for row in rows:
             seq = int(row["seq"])
             if seq in self._applied:
@@ -209,13 +215,39 @@ class Authenticator:
                 self.forget_user(row["subject"])
             elif row["kind"] == "all":
                 self.forget_all()
+            elif row["kind"] == "state":
+                states.append(row["subject"])
             self._applied.add(seq)
             self._last_seq = max(self._last_seq, seq)
             applied += 1
         if applied:
             floor = self._last_seq - FEED_WINDOW
             self._applied = {seq for seq in self._applied if seq > floor}
+        for name in dict.fromkeys(states):
+            for listener in self._state_listeners:
+                await listener(name)
         return applied
+
+    async def run_feed(self) -> None:
+        """Apply the change feed every `poll_interval_s`, for as long as the instance runs."""
+        while True:
+            await asyncio.sleep(self.poll_interval_s)
+            try:
+                await self.poll_changes()
+            except Exception:
+                log.exception("change feed poll failed; retrying")
+
+    async def flush_last_used(self) -> None:
+        """Store the tokens' last-used times gathered since the previous flush."""
+        await self._store.tokens.touch(self.take_last_used())
+
+    async def run_last_used(self, every_s: float = 5.0) -> None:
+        while True:
+            await asyncio.sleep(every_s)
+            try:
+                await self.flush_last_used()
+            except Exception:
+                log.exception("recording token last-used times failed")
 
     def take_last_used(self) -> dict[str, float]:
         used, self.last_used = self.last_used, {}

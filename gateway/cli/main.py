@@ -119,13 +119,13 @@ def cmd_keys(args: argparse.Namespace) -> None:
 
 
 def cmd_usage(args: argparse.Namespace) -> None:
-    from gateway.accounting.reports import run_usage_command
+    from gateway.cli.usage import run_usage_command
 
     run_usage_command(args, load(args))
 
 
 def cmd_sync_credits(args: argparse.Namespace) -> None:
-    from gateway.accounts.credit_sync import run_sync_command
+    from gateway.cli.credits import run_sync_command
 
     run_sync_command(args, load(args))
 

@@ -10,8 +10,6 @@ from typing import Any
 
 import orjson
 
-from gateway.core.config import TierConfig
-
 ZERO = Decimal(0)
 FREE_MODEL_REASON = "free_model"
 PICO = Decimal(10) ** 12
@@ -30,17 +28,17 @@ def to_decimal(value: Any) -> Decimal | None:
     return result if result.is_finite() else None
 
 
-def markup_for(provider_cost: Decimal, tier_name: str, tier: TierConfig, *, free: bool) -> tuple[Decimal, str]:
-    """`provider_cost × markup_pct / 100` and its reason; free models always carry no markup."""
+def markup_for(provider_cost: Decimal, tier_name: str, markup_pct: Decimal, *, free: bool) -> tuple[Decimal, str]:
+    """The one rule of what a user pays on top of the provider's cost: `provider_cost × markup_pct / 100`
+    and its reason, none on a free model. What they are charged is the cost plus this (`charged`)."""
     if free:
         return ZERO, FREE_MODEL_REASON
-    pct = tier.markup_pct
-    return provider_cost * pct / 100, f"{tier_name}_tier_{pct.normalize():f}pct"
+    return provider_cost * markup_pct / 100, f"{tier_name}_tier_{markup_pct.normalize():f}pct"
 
 
-def charged(provider_cost: Decimal, tier: TierConfig, *, free: bool) -> Decimal:
-    """What the user pays: provider cost plus markup (what budgets count)."""
-    return ZERO if free else provider_cost + provider_cost * tier.markup_pct / 100
+def charged(provider_cost: Decimal, markup_pct: Decimal, *, free: bool = False) -> Decimal:
+    """Provider cost plus markup (what budgets count), by `markup_for`."""
+    return provider_cost + markup_for(provider_cost, "", markup_pct, free=free)[0]
 
 
 def to_pico(amount: Decimal, rounding: str = ROUND_HALF_EVEN) -> int:

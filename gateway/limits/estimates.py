@@ -82,14 +82,14 @@ class Quote:
     """A catalogue price as one tier charges it, in whole picodollars: an estimate is integer work.
 
     Each price is the tier's charge rounded up, so `estimate(body, size)` is never below
-    `to_pico(charged(estimate_cost(price, body, default, size), tier), ROUND_CEILING)` and above
+    `to_pico(charged(estimate_cost(price, body, default, size), tier.markup_pct), ROUND_CEILING)` and above
     it by less than a picodollar per token."""
 
     __slots__ = ("price", "request", "prompt", "completion", "default")
 
     def __init__(self, price: ModelPrice | None, tier: TierConfig, default: Decimal) -> None:
         def charge(amount: Decimal) -> int:
-            return to_pico(charged(amount, tier, free=False), ROUND_CEILING)
+            return to_pico(charged(amount, tier.markup_pct), ROUND_CEILING)
 
         self.price = price
         self.default = charge(default)

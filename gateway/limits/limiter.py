@@ -26,25 +26,22 @@ import functools
 import logging
 import math
 from decimal import Decimal
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
-from gateway.accounting.record import usage_tokens
 from gateway.auth.tokens import Principal
 from gateway.catalog import ModelPrice, is_free_model
 from gateway.core.clock import Clock, iso, system_clock
 from gateway.core.config import Config
-from gateway.core.money import ZERO, charged, to_decimal, to_pico
+from gateway.core.money import to_pico
 from gateway.core.windows import (
     PERIODS,
     period_start,
 )
-from gateway.proxy.sse import Observation
-from gateway.proxy.types import ProxyRequest
-
-if TYPE_CHECKING:
-    from gateway.app import Gateway
 from gateway.limits.estimates import Quote
+from gateway.limits.in_memory import MemoryCounters
+from gateway.limits.in_redis import RedisCounters
 from gateway.limits.policy import Counters, Limits, Refusal, Snapshot, refusal
+from gateway.proxy.types import Charge, ProxyRequest
 
 log = logging.getLogger("gateway.limits.limiter")
 
@@ -52,43 +49,28 @@ log = logging.getLogger("gateway.limits.limiter")
 class LimitTicket:
     """An admitted request's hold on its limits, let go of once (`release`)."""
 
-    __slots__ = ("_limiter", "_plan", "_request", "_hold", "_free")
+    __slots__ = ("_plan", "_request", "_hold")
 
-    def __init__(self, limiter: "Limiter", plan: "_Plan", request: ProxyRequest, hold: Any, free: bool) -> None:
-        self._limiter: Limiter | None = limiter  # None once released
-        self._plan = plan
+    def __init__(self, plan: "_Plan", request: ProxyRequest, hold: Any) -> None:
+        self._plan: _Plan | None = plan  # None once released
         self._request = request
         self._hold = hold
-        self._free = free
 
-    def release(self, observation: Observation | None) -> None:
-        """Let go of the hold and count the real charge and tokens: what accounting recorded on the
-        request (`request.charged`, `request.tokens`) or, with no ledger, what the response's usage says."""
-        limiter = self._limiter
-        if limiter is None:
+    def release(self, charge: Charge | None) -> None:
+        """Let go of the hold and count the charge and tokens (the very `Charge` accounting records)."""
+        plan = self._plan
+        if plan is None:
             return
-        self._limiter = None
+        self._plan = None
         request = self._request
+        if charge is None:
+            amount = tokens = 0
+        else:
+            amount, tokens = charge.total_pico, charge.prompt_tokens + charge.completion_tokens
         try:
-            if limiter.ledger_attached:
-                amount, tokens = request.charged, request.tokens
-                amount = to_pico(amount) if amount else 0
-            else:
-                amount, tokens = self._from_usage(limiter, observation)
-            self._plan.finish(self._hold, request.started, amount, tokens, request.ended or request.started)
+            plan.finish(self._hold, request.started, amount, tokens, request.ended or request.started)
         except Exception:
-            log.exception("releasing the limits of user %s failed", self._plan.principal.user_id)
-
-    def _from_usage(self, limiter: "Limiter", observation: Observation | None) -> tuple[int, int]:
-        """(charge in picodollars, tokens) from the response's usage, when no ledger records them."""
-        usage = observation.usage if observation is not None else None
-        if usage is None:
-            return 0, 0
-        prompt, completion = usage_tokens(usage)[:2]
-        cost = to_decimal(usage.get("cost")) or ZERO
-        tier = limiter.config.tier(self._plan.principal.tier)
-        amount = to_pico(charged(cost, tier, free=self._free)) if cost > 0 else 0
-        return amount, prompt + completion
+            log.exception("releasing the limits of user %s failed", plan.principal.user_id)
 
 
 class _Plan:
@@ -121,7 +103,6 @@ class Limiter:
         self.catalog = catalog
         self.clock = clock
         self.default_estimate = config.accounting.default_estimate_usd
-        self.ledger_attached = False  # then a request's charge is what accounting recorded (`request.charged`)
         self._plans: dict[str, _Plan] = {}  # user id → their plan
         self._quotes: dict[str, dict[int, Quote]] = {}  # tier → id of a catalogue price → its quote
         self._user_counters = getattr(counters, "user", None)
@@ -160,7 +141,7 @@ class Limiter:
             hold = await self.counters.acquire(principal.user_id, plan.limits, reserve, free, now)
         except Refusal as refused:
             raise refusal(refused.name, plan.limits, refused.snapshot, now) from None
-        return LimitTicket(self, plan, request, hold, free)
+        return LimitTicket(plan, request, hold)
 
     def _admit_in_memory(self, principal: Principal, request: ProxyRequest) -> LimitTicket:
         """`admit` over counters that never wait: no coroutine, no look-up of the user's counters."""
@@ -173,7 +154,7 @@ class Limiter:
             hold = plan.acquire(plan.limits, reserve, free, now)  # type: ignore[misc]
         except Refusal as refused:
             raise refusal(refused.name, plan.limits, refused.snapshot, now) from None
-        return LimitTicket(self, plan, request, hold, free)
+        return LimitTicket(plan, request, hold)
 
     def _reservation(self, plan: _Plan, request: ProxyRequest, now: float) -> tuple[int, bool]:
         """What the request holds against the user's budgets (picodollars; 0 when it is free or they
@@ -256,35 +237,11 @@ def _fallback_models(body: dict[str, Any]) -> list[str]:
 # -- installation -----------------------------------------------------------------------
 
 
-async def install_limits(gateway: "Gateway") -> Limiter:
-    """Build the limiter over memory or Redis, load spend, hook into the ledger and the proxy."""
-    config = gateway.config
+async def open_counters(config: Config) -> Counters:
+    """The limit counters: shared in Redis when `redis.url` is set, else this process's memory."""
     if config.redis.url:
-        from gateway.limits.in_redis import RedisCounters
-
-        counters: Counters = await RedisCounters.connect(config.redis.url, lease_s=config.server.request_timeout_s + 60)
-    else:
-        from gateway.limits.in_memory import MemoryCounters
-
-        counters = MemoryCounters()
-    limiter = Limiter(config, counters, gateway.catalog, clock=gateway.clock)
-    store = gateway.store
-    if hasattr(store, "usage"):
-        await limiter.load_spend(store.usage)
-    attach_ledger(limiter, getattr(gateway, "ledger", None))
-    gateway.catalog.warm()
-    gateway.admission = limiter
-    gateway.limiter = limiter  # type: ignore[attr-defined]
-    gateway.on_shutdown(counters.close)
-    return limiter
+        return await RedisCounters.connect(config.redis.url, lease_s=config.server.request_timeout_s + 60)
+    return MemoryCounters()
 
 
-def attach_ledger(limiter: Limiter, ledger: Any) -> None:
-    """Count exactly what accounting records: each request's `charged`, and settlement's corrections."""
-    if ledger is None or limiter.ledger_attached:
-        return
-    ledger.on_total_changed(limiter.on_total_changed)
-    limiter.ledger_attached = True
-
-
-__all__ = ["Limiter", "Limits", "Refusal", "Snapshot", "install_limits"]
+__all__ = ["Limiter", "LimitTicket", "open_counters"]

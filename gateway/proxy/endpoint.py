@@ -34,8 +34,10 @@ from gateway.proxy.types import (
     Admission,
     AsSent,
     BodyPreparer,
+    Charge,
     DiscardRecorder,
     OpenAdmission,
+    Pricing,
     ProxyRequest,
     Receive,
     Recorder,
@@ -105,6 +107,7 @@ class ProxyEndpoint:
         stop: EmergencyStop,
         max_body_bytes: int,
         attribution: dict[str, str],
+        pricing: Pricing,
         admission: Admission | None = None,
         recorder: Recorder | None = None,
         preparer: BodyPreparer | None = None,
@@ -120,6 +123,7 @@ class ProxyEndpoint:
         self.admission = admission or OpenAdmission()
         self._admit_now: Callable[[Principal, ProxyRequest], Ticket] | None = getattr(
             self.admission, "admit_now", None)
+        self.pricing = pricing
         self.recorder = recorder or DiscardRecorder()
         self.preparer = preparer or AsSent()
         self.streams = streams if streams is not None else {}
@@ -133,11 +137,7 @@ class ProxyEndpoint:
         except GatewayError as error:
             await send_error(send, error, request_id)
             return
-        observation = Observation()
-        try:
-            await self._forward(scope, receive, send, principal, request, observation)
-        finally:
-            ticket.release(observation if request.status else None)
+        await self._forward(scope, receive, send, principal, request, ticket)
 
     # -- admission ------------------------------------------------------------
 
@@ -215,44 +215,47 @@ class ProxyEndpoint:
         return headers
 
     async def _forward(
-        self,
-        scope: Scope,
-        receive: Receive,
-        send: Send,
-        principal: Principal,
-        request: ProxyRequest,
-        observation: Observation,
+        self, scope: Scope, receive: Receive, send: Send, principal: Principal, request: ProxyRequest, ticket: Ticket
     ) -> None:
+        """Forward, pass the answer through, then price what reached the upstream once: the recorder and the
+        ticket get the same charge (the ticket lets go with None when nothing was generated)."""
         assert principal.key is not None
-        body = request.raw  # prepared in _admit
+        observation = Observation()
+        charge: Charge | None = None
         try:
-            response = await self.upstream.open(
-                "POST", self.endpoint, key=principal.key.secret, body=body, headers=self._upstream_headers(scope)
-            )
-        except UpstreamConnectionError as exc:
-            await send_error(send, BadGateway(f"OpenRouter could not be reached: {exc}. Try again."), request.request_id)
-            return
-        request.status = response.status
-        request.first_byte = self.clock()
-        generation_id = None
-        out_headers = [(b"x-request-id", request.request_id.encode())]
-        for name, value in response.headers:
-            if name not in DROPPED_RESPONSE_HEADERS:
-                out_headers.append((name.encode("latin-1"), value.encode("latin-1")))
-            if name == "x-generation-id":
-                generation_id = value
-        observation.generation_id = generation_id
-        is_sse = any(n == "content-type" and v.startswith("text/event-stream") for n, v in response.headers)
-        try:
-            if response.status == 200 and is_sse:
-                await self._pass_stream(receive, send, principal, request, response, out_headers, observation)
-            else:
-                await self._pass_body(send, request, response, out_headers, observation)
+            try:
+                response = await self.upstream.open(
+                    "POST", self.endpoint, key=principal.key.secret, body=request.raw,
+                    headers=self._upstream_headers(scope),
+                )
+            except UpstreamConnectionError as exc:
+                await send_error(send, BadGateway(f"OpenRouter could not be reached: {exc}. Try again."),
+                                 request.request_id)
+                return
+            request.status = response.status
+            request.first_byte = self.clock()
+            generation_id = None
+            out_headers = [(b"x-request-id", request.request_id.encode())]
+            for name, value in response.headers:
+                if name not in DROPPED_RESPONSE_HEADERS:
+                    out_headers.append((name.encode("latin-1"), value.encode("latin-1")))
+                if name == "x-generation-id":
+                    generation_id = value
+            observation.generation_id = generation_id
+            is_sse = any(n == "content-type" and v.startswith("text/event-stream") for n, v in response.headers)
+            try:
+                if response.status == 200 and is_sse:
+                    await self._pass_stream(receive, send, principal, request, response, out_headers, observation)
+                else:
+                    await self._pass_body(send, request, response, out_headers, observation)
+            finally:
+                await response.close()
+                request.ended = self.clock()
+                if response.status == 200 or observation.generation_id:
+                    charge = self.pricing.charge(principal, request, observation)
+                    self.recorder.record(principal, request, observation, charge)
         finally:
-            await response.close()
-            request.ended = self.clock()
-            if response.status == 200 or observation.generation_id:
-                self.recorder.record(principal, request, observation)
+            ticket.release(charge)
 
     async def _pass_body(
         self,

@@ -1,5 +1,9 @@
-"""What the proxy hands its hooks: the request on its way upstream, and the protocols limits, accounting
-and the users' settings implement (so the proxy never imports them).
+"""What the proxy hands its hooks: the request on its way upstream, what a generation was charged, and the
+protocols limits, accounting and the users' settings implement (so the proxy never imports them).
+
+A forwarded request's life: `BodyPreparer.prepare` → `Admission.admit` (a `Ticket`) → upstream →
+`Pricing.charge` once the outcome is known → the same `Charge` to `Recorder.record` and `Ticket.release`,
+so accounting and limits count exactly one amount.
 """
 
 from __future__ import annotations
@@ -31,15 +35,36 @@ class ProxyRequest:
     status: int = 0
     first_byte: float | None = None
     ended: float | None = None
-    charged: Decimal | None = None  # what accounting recorded as the user's charge (set by the Recorder) …
-    tokens: int = 0  # … and as its prompt + completion tokens
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(slots=True, frozen=True)
+class Charge:
+    """What one generation costs its user and the tokens it used, as `Pricing` computed it once."""
+
+    provider_cost: Decimal
+    markup: Decimal
+    total: Decimal  # provider_cost + markup: what the user is charged
+    total_pico: int  # `total` in whole picodollars (half-even), as the limit counters add it
+    markup_pct: Decimal
+    markup_reason: str
+    free: bool
+    prompt_tokens: int
+    completion_tokens: int
+    reasoning_tokens: int
+    cached_tokens: int
+
+
+class Pricing(Protocol):
+    def charge(self, principal: Principal, request: ProxyRequest, observation: Observation) -> Charge:
+        """The charge of a generation that reached the upstream (pure: no I/O)."""
 
 
 class Ticket(Protocol):
     """What admission hands back: a release once the outcome is known."""
 
-    def release(self, observation: Observation | None) -> None: ...
+    def release(self, charge: Charge | None) -> None:
+        """Once per admitted request: `charge` is None when nothing reached the upstream."""
 
 
 class Admission(Protocol):
@@ -50,11 +75,9 @@ class Admission(Protocol):
 
 
 class Recorder(Protocol):
-    def record(self, principal: Principal, request: ProxyRequest, observation: Observation) -> None:
-        """Called once per forwarded request that reached the upstream; must not block.
-
-        Sets `request.charged` and `request.tokens` when it records a charge, before the ticket
-        is released (the limits count those very amounts)."""
+    def record(self, principal: Principal, request: ProxyRequest, observation: Observation, charge: Charge) -> None:
+        """Called once per forwarded request that reached the upstream, before its ticket is released;
+        must not block."""
 
 
 class BodyPreparer(Protocol):
@@ -68,7 +91,7 @@ class BodyPreparer(Protocol):
 class _Open:
     __slots__ = ()
 
-    def release(self, observation: Observation | None) -> None:
+    def release(self, charge: Charge | None) -> None:
         return None
 
 
@@ -83,7 +106,7 @@ class OpenAdmission:
 
 
 class DiscardRecorder:
-    def record(self, principal: Principal, request: ProxyRequest, observation: Observation) -> None:
+    def record(self, principal: Principal, request: ProxyRequest, observation: Observation, charge: Charge) -> None:
         return None
 
 

@@ -8,7 +8,8 @@ from gateway.core.clock import Clock, system_clock
 from gateway.store.account import AccountRepository
 from gateway.store.audit import AuditRepository
 from gateway.store.changes import ChangeFeed
-from gateway.store.database import Database, connect
+from gateway.store.connect import connect
+from gateway.store.database import Database
 from gateway.store.keys import KeyRepository
 from gateway.store.state import StateRepository
 from gateway.store.tokens import TokenRepository

@@ -37,21 +37,3 @@ class Database(Executor, Protocol):
         """All statements inside commit together or not at all."""
 
     async def close(self) -> None: ...
-
-
-async def connect(url: str) -> Database:
-    """Open the database named by `database.url` and bring its schema up to date."""
-    from gateway.store.migrate import migrate
-
-    if url.startswith("sqlite:///"):
-        from gateway.store.sqlite import SqliteDatabase
-
-        db: Database = await SqliteDatabase.open(url[len("sqlite:///"):])
-    elif url.startswith(("postgresql://", "postgres://")):
-        from gateway.store.postgres import PostgresDatabase
-
-        db = await PostgresDatabase.open(url)
-    else:
-        raise ValueError(f"database.url: unsupported scheme in {url.split(':', 1)[0]!r}")
-    await migrate(db)
-    return db
