@@ -8,7 +8,7 @@ TEST_STAMP := $(VENV)/.installed-test
 PEERS_VENV := .venv-peers
 PEERS_STAMP := $(PEERS_VENV)/.installed
 
-.PHONY: run demo test bench bench-peers init clean
+.PHONY: run demo test lint bench bench-peers init clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,12 @@ init: $(STAMP)
 
 test: $(TEST_STAMP)
 	$(BIN)/python -m pytest
+
+# ruff, mypy and the import-linter contracts in pyproject.toml (imports flow one way; the emulator stands alone)
+lint: $(TEST_STAMP)
+	$(BIN)/ruff check gateway openrouter_emulator
+	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 bench: $(TEST_STAMP)
 	$(BIN)/python -m bench

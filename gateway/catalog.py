@@ -196,7 +196,7 @@ class Catalog:
             )
             if status != 200 or not isinstance(body, dict) or not isinstance(body.get("data"), list):
                 raise CatalogUnavailable(f"OpenRouter answered HTTP {status} for the model list")
-        except (UpstreamConnectionError, CatalogUnavailable, asyncio.TimeoutError) as exc:
+        except (TimeoutError, UpstreamConnectionError, CatalogUnavailable) as exc:
             return self._failed(str(exc) or type(exc).__name__)
         self._failures = 0
         self._snapshot = build_snapshot(body["data"], self._clock())

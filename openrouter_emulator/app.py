@@ -161,10 +161,10 @@ class Request:
         return data
 
 
-async def send_json(send: Send, status: int, payload: Any, headers: Headers = ()) -> None:
+async def send_json(send: Send, status: int, payload: Any, headers: Headers | None = None) -> None:
     body = dumps(payload)
     await send({"type": "http.response.start", "status": status, "headers": [
-        (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *headers]})
+        (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *(headers or ())]})
     await send({"type": "http.response.body", "body": body})
 
 

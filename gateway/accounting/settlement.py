@@ -25,7 +25,7 @@ import itertools
 import logging
 from dataclasses import dataclass, field
 from decimal import Decimal
-from typing import TYPE_CHECKING, Any, Awaitable, Callable
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Protocol
 from urllib.parse import quote
 
 import orjson
@@ -38,12 +38,17 @@ from gateway.store.usage import PENDING, SETTLED, UNSETTLED, Settlement, UsageRe
 from gateway.upstream.client import UpstreamClient, UpstreamConnectionError
 
 if TYPE_CHECKING:
-    from gateway.accounting.ledger import Ledger
     from gateway.store import Store
 
 log = logging.getLogger("gateway.accounting.settlement")
 
 KeyLookup = Callable[[str], Awaitable[str | None]]
+
+
+class SettlementSink(Protocol):
+    """Where a look-up's outcome goes: the ledger, which owns the records."""
+
+    def apply(self, settlement: Settlement, *, user_id: str, created_ts: float, old_total: Decimal) -> None: ...
 
 
 @dataclass(slots=True)
@@ -119,7 +124,7 @@ class Settler:
         self._key_for = key_for
         self._is_free_generation = is_free_generation
         self._clock = clock
-        self._ledger: "Ledger | None" = None
+        self._ledger: SettlementSink | None = None
         self._heap: list[tuple[float, int, PendingGeneration]] = []
         self._seq = itertools.count()
         self._wake = asyncio.Event()
@@ -129,7 +134,7 @@ class Settler:
         self._running: set[asyncio.Task[None]] = set()
         self.lookups = 0
 
-    def attach(self, ledger: "Ledger") -> None:
+    def attach(self, ledger: SettlementSink) -> None:
         self._ledger = ledger
 
     @property
@@ -196,7 +201,7 @@ class Settler:
             timeout = max(self._heap[0][0] - self._clock(), 0.0) if self._heap else None
             try:
                 await asyncio.wait_for(self._wake.wait(), timeout)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
 
     async def stop(self) -> None:

@@ -7,7 +7,7 @@ and tells the local auth cache at once (other instances learn through the change
 from __future__ import annotations
 
 import re
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
 from typing import Any, Callable
 
@@ -209,7 +209,7 @@ class Directory:
             raise BadRequest("expires_at must be an ISO-8601 time such as 2027-01-31T00:00:00Z.", param="expires_at")
         try:
             moment = datetime.fromisoformat(expires_at.replace("Z", "+00:00"))
-            ts = (moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)).timestamp()  # naive = UTC
+            ts = (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp()  # naive = UTC
         except ValueError:
             raise BadRequest("expires_at must be an ISO-8601 time such as 2027-01-31T00:00:00Z.", param="expires_at") from None
         if ts <= self._clock():

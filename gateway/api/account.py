@@ -7,7 +7,7 @@ four characters only.
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
@@ -95,7 +95,7 @@ async def sync(request: Request) -> Response:
 
 
 def _month_start(now: float) -> str:
-    start = datetime.fromtimestamp(now, timezone.utc).replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+    start = datetime.fromtimestamp(now, UTC).replace(day=1, hour=0, minute=0, second=0, microsecond=0)
     return iso(start.timestamp())
 
 

@@ -46,8 +46,9 @@ async def sync_credits(request: Request) -> Response:
     run = gateway.credit_sync.start()
     try:
         report = await asyncio.wait_for(asyncio.shield(run), 10)
-    except asyncio.TimeoutError:
-        return json_response({"status": "running", **gateway.credit_sync.current.public()}, status=202)
+    except TimeoutError:
+        current = gateway.credit_sync.current
+        return json_response({"status": "running", **(current.public() if current else {})}, status=202)
     return json_response({"status": "done", **report.public()})
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 import secrets
 import time
-from typing import Any
+from typing import Any, MutableMapping
 
 from starlette.applications import Starlette
 from starlette.middleware.cors import CORSMiddleware
@@ -25,7 +25,7 @@ access_log = logging.getLogger("gateway.access")
 class GatewayApp:
     """The ASGI entry point: request ids and access logs for everything, raw dispatch for the proxy."""
 
-    def __init__(self, api: Starlette, *, access_log_enabled: bool = True, cors_origins: list[str] = ()) -> None:
+    def __init__(self, api: Starlette, *, access_log_enabled: bool = True, cors_origins: list[str] | tuple[str, ...] = ()) -> None:
         self.api = api
         self.proxies: dict[str, ProxyEndpoint] = {}  # path → endpoint, once the instance has started (`serve`)
         self.metrics = Metrics()
@@ -33,7 +33,7 @@ class GatewayApp:
         self._entry: Any = self._dispatch
         if cors_origins:
             self._entry = CORSMiddleware(
-                self._dispatch,
+                self._dispatch,  # type: ignore[arg-type]
                 allow_origins=list(cors_origins),
                 allow_methods=["*"],
                 allow_headers=["*"],
@@ -57,7 +57,7 @@ class GatewayApp:
         started = time.perf_counter()
         status = 0
 
-        async def send_logged(message: dict[str, Any]) -> None:
+        async def send_logged(message: MutableMapping[str, Any]) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]

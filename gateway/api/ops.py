@@ -29,7 +29,7 @@ async def ready(request: Request) -> Response:
         response = await asyncio.wait_for(gateway.upstream.open("GET", "/models?limit=1", key="", retries=0), 5)
         await response.close()
         checks["upstream"] = "ok"
-    except (UpstreamConnectionError, asyncio.TimeoutError) as exc:
+    except (TimeoutError, UpstreamConnectionError) as exc:
         checks["upstream"] = f"error: {type(exc).__name__}"
     ok = all(v == "ok" for v in checks.values())
     return json_response({"status": "ok" if ok else "unavailable", "checks": checks}, status=200 if ok else 503)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from functools import lru_cache
 from typing import Callable
 
@@ -22,7 +22,7 @@ def iso(ts: float) -> str:
     Called per request (usage records); the date-time part is formatted once per second.
     """
     if ts < 0:  # before 1970: not worth a fast path
-        return datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
     fraction, whole = math.modf(ts)  # rounded as datetime.fromtimestamp rounds (half-even)
     micros = round(fraction * 1e6)
     if micros >= 1_000_000:
@@ -32,7 +32,7 @@ def iso(ts: float) -> str:
 
 @lru_cache(maxsize=4)
 def _second(whole: int) -> str:
-    return datetime.fromtimestamp(whole, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")
+    return datetime.fromtimestamp(whole, UTC).strftime("%Y-%m-%dT%H:%M:%S")
 
 
 def parse_iso(text: str) -> float:

@@ -34,7 +34,7 @@ class Metrics:
         self.latency: defaultdict[str, Histogram] = defaultdict(Histogram)
         self.upstream_errors: defaultdict[str, int] = defaultdict(int)
         self.tokens: defaultdict[tuple[str, str], int] = defaultdict(int)
-        self.cost: defaultdict[str, Decimal] = defaultdict(Decimal)
+        self.cost: defaultdict[str, Decimal] = defaultdict(lambda: Decimal(0))
         self.gauges: dict[str, Callable[[], float]] = {}
 
     def observe_request(self, route: str, status: int, seconds: float) -> None:
@@ -74,8 +74,8 @@ class Metrics:
         for (tier, kind), value in sorted(self.tokens.items()):
             add(f'gateway_tokens_total{{tier="{tier}",kind="{kind}"}} {value}')
         add("# TYPE gateway_cost_usd_total counter")
-        for tier, value in sorted(self.cost.items()):
-            add(f'gateway_cost_usd_total{{tier="{tier}"}} {value:f}')
+        for tier, amount in sorted(self.cost.items()):
+            add(f'gateway_cost_usd_total{{tier="{tier}"}} {amount:f}')
         for name, read in sorted(self.gauges.items()):
             add(f"# TYPE {name} gauge")
             add(f"{name} {read()}")

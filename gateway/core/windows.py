@@ -13,7 +13,7 @@ midnight, weeks on Monday, months on the 1st.
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from functools import lru_cache
 
 BUCKETS = 60
@@ -99,7 +99,7 @@ PERIODS = ("day", "week", "month")
 
 
 def _utc(ts: float) -> datetime:
-    return datetime.fromtimestamp(ts, timezone.utc)
+    return datetime.fromtimestamp(ts, UTC)
 
 
 def period_start(period: str, ts: float) -> datetime:

@@ -178,7 +178,7 @@ class RedisCounters:
         key = self._key
         keys = [key(user_id, "m"), key(user_id, "h"), key(user_id, "t"), key(user_id, "f"), key(user_id, "r"),
                 *self._spend_keys(user_id, now)]
-        args = [
+        args: list[Any] = [
             repr(now), _limit(limits.requests_per_minute), _limit(limits.requests_per_hour),
             _limit(limits.max_concurrent), _limit(limits.tokens_per_hour),
             -1 if limits.daily_budget_usd is None else limits.daily_cap_pico,

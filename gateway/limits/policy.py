@@ -104,7 +104,11 @@ class Snapshot:
             return self.inflight
         if name == "tokens_per_hour":
             return sum(self.tokens.values())
-        return self.spend.get(BUDGETS[name], ZERO) + self.reserved
+        return self.spent(name)
+
+    def spent(self, budget: str) -> Decimal:
+        """What counts against a budget: its period's spend plus what requests in flight hold."""
+        return self.spend.get(BUDGETS[budget], ZERO) + self.reserved
 
 
 def first_refusal(limits: Limits, snapshot: Snapshot, *, free: bool) -> str | None:
@@ -121,7 +125,7 @@ def first_refusal(limits: Limits, snapshot: Snapshot, *, free: bool) -> str | No
     if not free:
         for name in BUDGETS:
             value = getattr(limits, name)
-            if value is not None and to_pico(snapshot.used(name)) >= to_pico(value):
+            if value is not None and to_pico(snapshot.spent(name)) >= to_pico(value):
                 return name
     return None
 
@@ -202,7 +206,7 @@ def refusal(name: str, limits: Limits, snapshot: Snapshot, now: float) -> RateLi
         in_flight = f" ({_money(snapshot.reserved)} of it held by requests in flight)" if snapshot.reserved else ""
         return PaymentRequired(
             f"Your {'daily' if period == 'day' else 'monthly'} budget is spent: {name} is {_money(value)} and "
-            f"{_money(used)} is used{in_flight}. It resets at {iso(at)} (start of the next UTC {period}); "
+            f"{_money(snapshot.spent(name))} is used{in_flight}. It resets at {iso(at)} (start of the next UTC {period}); "
             "ask your admin to raise it, or use a free model (`:free`).",
             param=name,
             metadata=metadata,

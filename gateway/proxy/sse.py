@@ -48,7 +48,7 @@ def parse_usage(raw: bytes) -> dict[str, Any] | None:
     decoded: a byte offset is not a character offset once non-ASCII text comes before it.
     """
     match = None
-    for match in _USAGE.finditer(raw):
+    for match in _USAGE.finditer(raw):  # noqa: B007 (the last match is the one wanted)
         pass
     if match is None:
         return None

@@ -74,7 +74,7 @@ class Progress:
 async def rotate_master(
     store: Store, key_file: Path, *, batch_size: int = 200, progress: Callable[[int, int], None] = lambda d, t: None,
 ) -> RotationReport:
-    keys = parse_master_keys(key_file.read_text())
+    keys = parse_master_keys(key_file.read_text())  # noqa: ASYNC240 (a one-line file, read once by the CLI)
     marker = await store.state.get(MARKER)
     pending = orjson.loads(marker) if marker else None
     resumed = bool(pending and pending.get("fingerprint") == fingerprint(keys[0]))

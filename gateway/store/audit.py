@@ -28,7 +28,8 @@ class AuditRepository:
         self, *, limit: int, before_id: int | None = None, user_id: str | None = None, action: str | None = None
     ) -> list[Row]:
         """Newest first; `before_id` is the cursor from the previous page."""
-        clauses, params = [], []
+        clauses: list[str] = []
+        params: list[int | str] = []
         if before_id is not None:
             clauses.append("id < ?")
             params.append(before_id)

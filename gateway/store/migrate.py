@@ -17,7 +17,7 @@ from gateway.store.database import Database
 
 def _migrations() -> list[tuple[str, str]]:
     folder = resources.files("gateway.store") / "migrations"
-    files = sorted(p for p in folder.iterdir() if p.name.endswith(".sql"))
+    files = sorted((p for p in folder.iterdir() if p.name.endswith(".sql")), key=lambda p: p.name)
     return [(p.name, p.read_text()) for p in files]
 
 

@@ -72,7 +72,7 @@ class _AiohttpResponse:
         try:
             async for chunk in self._resp.content.iter_any():
                 yield chunk
-        except (aiohttp.ClientError, asyncio.TimeoutError, ConnectionError) as exc:
+        except (TimeoutError, aiohttp.ClientError, ConnectionError) as exc:
             raise UpstreamConnectionError(f"upstream connection broke mid-body: {type(exc).__name__}") from None
 
     async def read(self) -> bytes:
@@ -80,7 +80,7 @@ class _AiohttpResponse:
 
         try:
             return await self._resp.read()
-        except (aiohttp.ClientError, asyncio.TimeoutError, ConnectionError) as exc:
+        except (TimeoutError, aiohttp.ClientError, ConnectionError) as exc:
             raise UpstreamConnectionError(f"upstream connection broke mid-body: {type(exc).__name__}") from None
 
     async def close(self) -> None:
@@ -115,7 +115,7 @@ class AiohttpTransport:
             self._session = self._open()
         try:
             resp = await self._session.request(method, url, headers=headers, data=body, allow_redirects=False)
-        except (aiohttp.ClientError, asyncio.TimeoutError, ConnectionError) as exc:
+        except (TimeoutError, aiohttp.ClientError, ConnectionError) as exc:
             raise UpstreamConnectionError(f"cannot reach upstream: {type(exc).__name__}") from None
         return _AiohttpResponse(resp)
 

@@ -109,7 +109,7 @@ class KeyApi:
             status, body = await asyncio.wait_for(
                 self._upstream.call(method, path, key=self._key, payload=payload, retry=retry), self.timeout_s
             )
-        except (UpstreamConnectionError, asyncio.TimeoutError):
+        except (TimeoutError, UpstreamConnectionError):
             raise KeyApiError(
                 f"OpenRouter could not be reached while {what} (no answer within {self.timeout_s:g} s); "
                 "nothing was changed here. Try again.", status=503, upstream_status=None,
