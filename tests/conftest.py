@@ -24,6 +24,16 @@ ROOT = Path(__file__).resolve().parents[1]
 ADMIN_TOKEN = "gwadmin-test-" + "a" * 40
 
 
+class FakeClock:
+    """A clock the test moves by hand (`clock.now = …`); services take any `() -> float`."""
+
+    def __init__(self, now: float = 1_800_000_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"

@@ -11,6 +11,7 @@ import pytest
 
 from gateway.catalog import Catalog, CatalogUnavailable, page
 from gateway.upstream.client import UpstreamClient, UpstreamConnectionError
+from tests.conftest import FakeClock
 
 
 def model(model_id: str, prompt: str = "0.000001", completion: str = "0.000002", outputs: tuple[str, ...] = ("text",),
@@ -68,20 +69,14 @@ class FakeTransport:
         return None
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 async def no_sleep(_: float) -> None:
     return None
 
 
-def make(ttl_s: float = 60) -> tuple[Catalog, FakeTransport, Clock]:
-    transport, clock = FakeTransport(), Clock()
+def make(ttl_s: float = 60) -> tuple[Catalog, FakeTransport, FakeClock]:
+    transport, clock = FakeTransport(), FakeClock(1_000_000.0)
     upstream = UpstreamClient(transport, "http://upstream/api/v1", retries=2, sleep=no_sleep)
     return Catalog(upstream, ttl_s=ttl_s, clock=clock), transport, clock
 

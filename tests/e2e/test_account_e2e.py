@@ -21,8 +21,9 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import Emulator, GatewayProcess, start_gateway
 from openrouter import OpenRouter
+
+from tests.conftest import Emulator, GatewayProcess, start_gateway
 
 CHAT_BODY = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
 

@@ -20,7 +20,9 @@ from typing import Any, Callable, Iterator
 import httpx
 import openai
 import pytest
-from conftest import (
+from openrouter import OpenRouter
+
+from tests.conftest import (
     ROOT,
     Emulator,
     GatewayProcess,
@@ -29,7 +31,6 @@ from conftest import (
     stop_process,
     wait_http,
 )
-from openrouter import OpenRouter
 
 MODEL = "openai/gpt-4o-mini"
 FREE_MODEL = "meta-llama/llama-3.3-70b-instruct:free"
@@ -64,6 +65,11 @@ def rows(db: Path, sql: str = "SELECT * FROM usage_records", params: tuple[Any, 
         return [dict(r) for r in conn.execute(sql, params)]
     finally:
         conn.close()
+
+
+def stored_rows(db: Path, sql: str, params: tuple[Any, ...], what: str = "the record's row") -> list[dict[str, Any]]:
+    """`rows`, once the writer has flushed them: `GET /generation` answers from the queue before that."""
+    return wait_for(lambda: rows(db, sql, params), what=what)
 
 
 def generation(gw: GatewayProcess, token: str, gen_id: str) -> httpx.Response:
@@ -135,7 +141,8 @@ def test_markup_for_each_default_tier(gw: GatewayProcess, emu: Emulator, tier: s
     assert Decimal(str(data["markup"])) == provider_cost * pct / 100
     assert Decimal(str(data["total_cost"])) == provider_cost + provider_cost * pct / 100
     assert data["markup_reason"] == f"{tier}_tier_{pct}pct" and data["tier"] == tier
-    stored = rows(db_of(gw), "SELECT * FROM usage_records WHERE generation_id = ?", (gen_id,))[0]
+    stored = stored_rows(db_of(gw), "SELECT * FROM usage_records WHERE generation_id = ? AND settle_status = 'settled'",
+                         (gen_id,))[0]
     assert stored["markup"] == format(provider_cost * pct / 100, "f")  # exact text, no float on the way
 
 
@@ -189,7 +196,7 @@ def test_cancelled_stream_is_accounted(gw: GatewayProcess, emu: Emulator) -> Non
                 break  # the client goes away mid-stream
     data = settled(gw, user["token"], gen_id)
     assert data["cancelled"] is True and data["streamed"] is True
-    stored = rows(db_of(gw), "SELECT cancelled, streamed FROM usage_records WHERE generation_id = ?", (gen_id,))
+    stored = stored_rows(db_of(gw), "SELECT cancelled, streamed FROM usage_records WHERE generation_id = ?", (gen_id,))
     assert stored == [{"cancelled": 1, "streamed": 1}]
 
 
@@ -202,7 +209,7 @@ def test_upstream_error_mid_stream_is_accounted(gw: GatewayProcess, emu: Emulato
     gen_id = response.headers["x-generation-id"]
     data = settled(gw, user["token"], gen_id)
     assert data["finish_reason"] == "error" and data["streamed"] is True
-    stored = rows(db_of(gw), "SELECT error, finish_reason FROM usage_records WHERE generation_id = ?", (gen_id,))
+    stored = stored_rows(db_of(gw), "SELECT error, finish_reason FROM usage_records WHERE generation_id = ?", (gen_id,))
     assert stored == [{"error": "Provider disconnected", "finish_reason": "error"}]
 
 
@@ -277,7 +284,13 @@ def test_report_totals_equal_the_records_everywhere(gw: GatewayProcess, emu: Emu
     ids = [chat(gw, user["token"], model) for model in (MODEL, MODEL, FREE_MODEL, "anthropic/claude-3.5-haiku")]
     for gen_id in ids:
         settled(gw, user["token"], gen_id)
-    records = rows(db_of(gw), "SELECT * FROM usage_records WHERE user_id = ?", (user["id"],))
+    settled_rows = "SELECT * FROM usage_records WHERE user_id = ? AND settle_status = 'settled'"
+
+    def all_four() -> list[dict[str, Any]] | None:
+        found = rows(db_of(gw), settled_rows, (user["id"],))
+        return found if len(found) == 4 else None
+
+    records = wait_for(all_four, what="all four records written settled")
     assert sorted(r["generation_id"] for r in records) == sorted(ids)
     exact_total = sum((Decimal(r["total_cost"]) for r in records), Decimal(0))
     exact_markup = sum((Decimal(r["markup"]) for r in records), Decimal(0))

@@ -15,7 +15,8 @@ from typing import Any, Iterator
 
 import httpx
 import pytest
-from conftest import ADMIN_TOKEN, Emulator, GatewayProcess, start_gateway
+
+from tests.conftest import ADMIN_TOKEN, Emulator, GatewayProcess, start_gateway
 
 CHAT = {"model": "openai/gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5}
 UNKNOWN_KEY = "sk-or-v1-" + "0" * 64
@@ -353,12 +354,10 @@ def test_no_token_or_key_in_the_database_file_or_the_log(
                     headers={"Content-Type": "application/json"})
     first.admin.put(f"/admin/v1/users/{user['id']}/openrouter-key", json={"api_key": rejected})
     httpx.post(first.url + "/v1/chat/completions", json=CHAT, headers={"Authorization": f"Bearer {rejected}"})
-    time.sleep(0.3)  # let the background flush write last-used times before the files are read
+    first.stop()  # shutdown writes everything still held: usage records, tokens' last-used times
     stored = b"".join(p.read_bytes() for p in tmp.glob("gateway.db*"))
     assert user["token"].encode() not in stored and key.encode() not in stored and rejected.encode() not in stored
     assert b"provider_keys" in stored  # really the database
-
-    first.stop()
     log = first.output()
     assert "chat/completions" in log, "the access log is on: the requests should be logged"
     for secret in (user["token"], key, rejected, ADMIN_TOKEN):

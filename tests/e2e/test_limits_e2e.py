@@ -14,9 +14,10 @@ from typing import Any, Callable, Iterator
 
 import httpx
 import pytest
-from conftest import Emulator, GatewayProcess, redis_url_or_skip, start_gateway
 from cryptography.fernet import Fernet
 from openrouter import OpenRouter
+
+from tests.conftest import Emulator, GatewayProcess, redis_url_or_skip, start_gateway
 
 PAID = "openai/gpt-4o"  # $0.0000025 per prompt token, $0.00001 per completion token
 FREE = "meta-llama/llama-3.3-70b-instruct:free"

@@ -16,7 +16,8 @@ from typing import Any, Iterator
 import httpx
 import orjson
 import pytest
-from conftest import Emulator, GatewayProcess, start_gateway
+
+from tests.conftest import Emulator, GatewayProcess, start_gateway
 
 REFERER = "https://platform.example"
 TITLE = "Platform Example"

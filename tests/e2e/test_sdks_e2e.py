@@ -12,9 +12,10 @@ from typing import Any
 import httpx
 import openai
 import pytest
-from conftest import Emulator, GatewayProcess
 from openrouter import OpenRouter
 from openrouter import errors as or_errors
+
+from tests.conftest import Emulator, GatewayProcess
 
 MESSAGES = [{"role": "user", "content": "Say hello, please!"}]
 MODEL = "openai/gpt-4o-mini"

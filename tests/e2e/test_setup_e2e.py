@@ -16,7 +16,8 @@ from typing import Iterator
 import httpx
 import orjson
 import pytest
-from conftest import ROOT, free_port, start_gateway, stop_process, wait_http
+
+from tests.conftest import ROOT, free_port, start_gateway, stop_process, wait_http
 
 
 def clean_env(**extra: str) -> dict[str, str]:

@@ -21,17 +21,12 @@ from gateway.store import Store, connect
 from gateway.store.database import IntegrityError
 from gateway.store.migrate import _migrations, migrate
 from gateway.store.postgres import _count, _numbered
+from tests.conftest import FakeClock
 
 PG_URL = os.environ.get("GATEWAY_TEST_POSTGRES_URL", "postgresql://gateway:gateway@127.0.0.1:5432/gateway_test")
 ISO = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z$")
 
 
-class FakeClock:
-    def __init__(self, now: float = 1_800_000_000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
 
 
 async def _postgres_schema() -> tuple[Any, str, str]:

@@ -5,10 +5,10 @@ from __future__ import annotations
 from decimal import Decimal
 
 import pytest
-from test_store import clock, database_url, store  # noqa: F401  (fixtures: sqlite + postgres)
 
 from gateway.store import Store
 from gateway.store.usage import PENDING, SETTLED, Settlement, UsageRecord
+from tests.store.test_store import clock, database_url, store  # noqa: F401  (fixtures: sqlite + postgres)
 
 
 def record(generation_id: str, user_id: str, cost: str, created_at: str) -> UsageRecord:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))  # bench/ is a tool beside the package, not installed with it
 
 from bench.peers import LITELLM_MASTER_KEY, litellm_config, render, summarise  # noqa: E402

@@ -15,7 +15,7 @@ from cryptography.fernet import Fernet
 
 from gateway.cli.main import build_parser, main
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TABLES = ("users", "tokens", "provider_keys", "audit_log")
 
 

@@ -27,16 +27,11 @@ from gateway.upstream.client import (
 from gateway.upstream.key_api import KeyApi
 from openrouter_emulator.app import DEMO_MANAGEMENT_KEY, create_emulator_app
 from openrouter_emulator.state import EmulatorState, Plan
+from tests.conftest import FakeClock
 
 BASE = "http://emulator.test/api/v1"
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1_750_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 class LosesCreateAnswers:
@@ -57,7 +52,7 @@ class LosesCreateAnswers:
 
 
 class World:
-    def __init__(self, store: Store, state: EmulatorState, upstream: UpstreamClient, vault: Vault, clock: Clock):
+    def __init__(self, store: Store, state: EmulatorState, upstream: UpstreamClient, vault: Vault, clock: FakeClock):
         self.store, self.state, self.upstream, self.vault, self.clock = store, state, upstream, vault, clock
         self.forgotten: list[str] = []
         self.prov = self.provisioner()
@@ -85,7 +80,7 @@ async def world(tmp_path: Path) -> Any:
     state = EmulatorState()
     app = create_emulator_app(state, seed_keys=["sk-or-v1-seed-" + "0" * 40])
     upstream = UpstreamClient(HttpxTransport(transport=httpx.ASGITransport(app=app)), BASE, retries=0)
-    clock = Clock()
+    clock = FakeClock(1_750_000_000.0)
     store = await Store.open(f"sqlite:///{tmp_path}/gateway.db", clock)
     await store.users.create(user_id="u1", email=None, tier="starter")
     await store.users.create(user_id="u2", email=None, tier="enterprise")

@@ -12,7 +12,7 @@ from pydantic import BaseModel
 
 from gateway.core.config import Config, ConfigError, TierConfig, load_config
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "config.example.yaml"
 
 

@@ -18,17 +18,12 @@ from gateway.core.errors import Unauthorized
 from gateway.security.vault import Vault
 from gateway.store import Store
 from gateway.store.database import Database
+from tests.conftest import FakeClock
 
 pytestmark = pytest.mark.anyio
 KEY = "sk-or-v1-" + "a1b2c3d4" * 8
 
 
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1_800_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 class CountingDb:

@@ -30,16 +30,11 @@ from gateway.proxy.types import Charge, ProxyRequest
 from gateway.store import Store
 from gateway.store.usage import COLUMNS, PENDING, SETTLED, UNSETTLED
 from gateway.upstream.client import UpstreamConnectionError
+from tests.conftest import FakeClock
 
 T0 = 1_767_225_600.0  # 2026-01-01T00:00:00Z, a Thursday
 
 
-class FakeClock:
-    def __init__(self, now: float = T0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
 
 
 class FakeUpstream:
@@ -210,7 +205,7 @@ def test_float_cost_is_refused_not_rounded() -> None:
 
 @pytest.mark.anyio
 async def test_record_is_queued_and_seen_at_once_then_written_in_one_batch(store: Store) -> None:
-    clock = FakeClock()
+    clock = FakeClock(T0)
     ledger = make_ledger(store, clock, FakeUpstream())
     writes: list[int] = []
     real_write = store.usage.write
@@ -238,7 +233,7 @@ async def test_flush_interval_0_writes_each_record_as_soon_as_it_is_queued(store
 
     cfg = config()
     cfg.accounting.flush_interval_ms = 0
-    ledger = make_ledger(store, FakeClock(), FakeUpstream(), cfg)
+    ledger = make_ledger(store, FakeClock(T0), FakeUpstream(), cfg)
     writer = asyncio.ensure_future(ledger.run_writer())
     try:
         proxied(ledger, principal(), proxy_request(), observation("gen-0", "0.2"))
@@ -265,7 +260,7 @@ async def test_retention_drops_old_finished_records_only(store: Store) -> None:
 
 @pytest.mark.anyio
 async def test_same_generation_twice_makes_one_record(store: Store) -> None:
-    ledger = make_ledger(store, FakeClock(), FakeUpstream())
+    ledger = make_ledger(store, FakeClock(T0), FakeUpstream())
     proxied(ledger, principal(), proxy_request(), observation("gen-dup", "0.2"))
     proxied(ledger, principal(), proxy_request(), observation("gen-dup", "0.2"))
     await ledger.flush()
@@ -277,7 +272,7 @@ async def test_same_generation_twice_makes_one_record(store: Store) -> None:
 
 @pytest.mark.anyio
 async def test_failed_write_keeps_records_queued(store: Store) -> None:
-    ledger = make_ledger(store, FakeClock(), FakeUpstream())
+    ledger = make_ledger(store, FakeClock(T0), FakeUpstream())
     proxied(ledger, principal(), proxy_request(), observation("gen-a", "0.2"))
     real_write = store.usage.write
 
@@ -295,7 +290,7 @@ async def test_failed_write_keeps_records_queued(store: Store) -> None:
 
 @pytest.mark.anyio
 async def test_spend_since_by_user_and_time(store: Store) -> None:
-    ledger = make_ledger(store, FakeClock(), FakeUpstream())
+    ledger = make_ledger(store, FakeClock(T0), FakeUpstream())
     proxied(ledger, principal(user_id="u1"), proxy_request(started=T0 - 10), observation("g1", "1"))
     proxied(ledger, principal(user_id="u1"), proxy_request(started=T0 + 10), observation("g2", "2"))
     proxied(ledger, principal(user_id="u2", tier="enterprise"), proxy_request(started=T0 + 10), observation("g3", "3"))
@@ -310,7 +305,7 @@ async def test_spend_since_by_user_and_time(store: Store) -> None:
 
 @pytest.mark.anyio
 async def test_404_then_found_settles_with_growing_backoff_and_reports_the_change(store: Store) -> None:
-    clock = FakeClock()
+    clock = FakeClock(T0)
     upstream = FakeUpstream([404, 404, Decimal("0.0000030")])
     ledger = make_ledger(store, clock, upstream)
     changes: list[tuple[str, float, Decimal, Decimal]] = []
@@ -346,7 +341,7 @@ async def test_404_then_found_settles_with_growing_backoff_and_reports_the_chang
 
 @pytest.mark.anyio
 async def test_settled_before_the_first_flush_is_written_settled(store: Store) -> None:
-    clock = FakeClock()
+    clock = FakeClock(T0)
     ledger = make_ledger(store, clock, FakeUpstream([Decimal("0.0000021")]))
     changes: list[Any] = []
     ledger.on_total_changed(lambda *args: changes.append(args))
@@ -361,7 +356,7 @@ async def test_settled_before_the_first_flush_is_written_settled(store: Store) -
 
 @pytest.mark.anyio
 async def test_never_settles_keeps_provisional_cost_and_is_marked_unsettled(store: Store) -> None:
-    clock = FakeClock()
+    clock = FakeClock(T0)
     upstream = FakeUpstream(default=404)
     ledger = make_ledger(store, clock, upstream, config(attempts=3))
     proxied(ledger, principal("trial"), proxy_request(), observation("gen-n", "0.5"))
@@ -379,7 +374,7 @@ async def test_never_settles_keeps_provisional_cost_and_is_marked_unsettled(stor
 
 @pytest.mark.anyio
 async def test_upstream_down_counts_as_a_failed_attempt(store: Store) -> None:
-    clock = FakeClock()
+    clock = FakeClock(T0)
     ledger = make_ledger(store, clock, FakeUpstream(["down", Decimal("0.5")]))
     proxied(ledger, principal("enterprise"), proxy_request(), observation("gen-d", "0.4"))
     for _ in range(3):
@@ -393,7 +388,7 @@ async def test_upstream_down_counts_as_a_failed_attempt(store: Store) -> None:
 
 @pytest.mark.anyio
 async def test_pending_lookups_resume_after_a_restart(store: Store) -> None:
-    clock = FakeClock()
+    clock = FakeClock(T0)
     first = make_ledger(store, clock, FakeUpstream(default=404))
     proxied(first, principal("professional"), proxy_request(), observation("gen-r", "0.2"))
     clock.now = T0 + 0.5
@@ -416,7 +411,7 @@ async def test_pending_lookups_resume_after_a_restart(store: Store) -> None:
 
 @pytest.mark.anyio
 async def test_no_key_after_restart_leaves_the_provisional_cost(store: Store) -> None:
-    clock = FakeClock()
+    clock = FakeClock(T0)
     first = make_ledger(store, clock, FakeUpstream())
     proxied(first, principal(), proxy_request(), observation("gen-k", "0.2"))
     await first.flush()

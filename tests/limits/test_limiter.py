@@ -12,7 +12,6 @@ from typing import Any, AsyncIterator
 
 import orjson
 import pytest
-from conftest import redis_url_or_skip
 
 from gateway.auth.tokens import Principal
 from gateway.catalog import ModelPrice
@@ -32,6 +31,7 @@ from gateway.limits.in_redis import RedisCounters
 from gateway.limits.limiter import Limiter
 from gateway.limits.policy import Limits, Refusal, first_refusal
 from gateway.proxy.types import Charge, ProxyRequest
+from tests.conftest import FakeClock, redis_url_or_skip
 
 # 2025-03-10 is a Monday; 12:00:30 UTC leaves room before every boundary the tests cross on purpose.
 T0 = datetime(2025, 3, 10, 12, 0, 30, tzinfo=timezone.utc).timestamp()
@@ -39,12 +39,6 @@ PAID = "acme/paid"  # $1 per prompt token, $2 per completion token: easy arithme
 FREE = "acme/model:free"
 
 
-class Clock:
-    def __init__(self, now: float = T0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
 
 
 class FakeCatalog:
@@ -58,12 +52,12 @@ class FakeCatalog:
         return bool(model) and (model.endswith(":free") or (p := self.price(model)) is not None and p.free)
 
 
-def make(counters: Any, markup: str = "0", **tier: Any) -> tuple[Limiter, Clock]:
+def make(counters: Any, markup: str = "0", **tier: Any) -> tuple[Limiter, FakeClock]:
     config = Config.model_validate(
         {"tiers": {"t": {"markup_pct": markup, **tier}}, "default_tier": "t",
          "accounting": {"default_estimate_usd": "0.5"}}
     )
-    clock = Clock()
+    clock = FakeClock(T0)
     return Limiter(config, counters, FakeCatalog(), clock=clock), clock
 
 
