@@ -20,6 +20,8 @@ import pytest
 import yaml
 from cryptography.fernet import Fernet
 
+from gateway.auth.tokens import Principal, ProviderKey
+
 ROOT = Path(__file__).resolve().parents[1]
 ADMIN_TOKEN = "gwadmin-test-" + "a" * 40
 
@@ -32,6 +34,15 @@ class FakeClock:
 
     def __call__(self) -> float:
         return self.now
+
+
+def principal(user_id: str = "u1", *, tier: str = "starter", status: str = "active",
+              key: ProviderKey | str | None = None, overrides: dict[str, Any] | None = None,
+              token_id: str = "tok") -> Principal:
+    """An authenticated caller as the auth cache hands it over (`key`: a BYOK secret, or the key itself)."""
+    provider_key = ProviderKey(kind="byok", secret=key) if isinstance(key, str) else key
+    return Principal(user_id=user_id, token_id=token_id, tier=tier, status=status, overrides=overrides or {},
+                     key=provider_key)
 
 
 @pytest.fixture

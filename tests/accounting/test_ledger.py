@@ -21,7 +21,7 @@ from gateway.accounting.reports import (
     usage_report,
 )
 from gateway.accounting.settlement import Settler
-from gateway.auth.tokens import Principal, ProviderKey
+from gateway.auth.tokens import Principal
 from gateway.core.config import Config
 from gateway.core.errors import BadRequest
 from gateway.core.money import markup_for
@@ -31,6 +31,7 @@ from gateway.store import Store
 from gateway.store.usage import COLUMNS, PENDING, SETTLED, UNSETTLED
 from gateway.upstream.client import UpstreamConnectionError
 from tests.conftest import FakeClock
+from tests.conftest import principal as shared_principal
 
 T0 = 1_767_225_600.0  # 2026-01-01T00:00:00Z, a Thursday
 
@@ -58,10 +59,7 @@ class FakeUpstream:
 
 
 def principal(tier: str = "trial", user_id: str = "usr_a", key: str | None = "sk-or-v1-user-a") -> Principal:
-    return Principal(
-        user_id=user_id, token_id="tok_1", tier=tier, status="active", overrides={},
-        key=ProviderKey(kind="byok", secret=key) if key else None,
-    )
+    return shared_principal(user_id, tier=tier, key=key, token_id="tok_1")
 
 
 def proxy_request(*, model: str | None = "openai/gpt-4o-mini", stream: bool = False, started: float = T0,

@@ -14,12 +14,12 @@ from gateway.accounts.settings import (
     UserSettings,
     validate_changes,
 )
-from gateway.auth.tokens import Principal
 from gateway.core.errors import BadRequest
 from gateway.proxy.types import ProxyRequest
 from gateway.store import Store
+from tests.conftest import principal
 
-PRINCIPAL = Principal(user_id="u1", token_id="t1", tier="starter", status="active", overrides={}, key=None)
+PRINCIPAL = principal("u1", token_id="t1")
 
 
 def request(raw: bytes, endpoint: str = "/chat/completions") -> ProxyRequest:
@@ -87,7 +87,7 @@ def test_nothing_to_fill_returns_the_same_bytes_object() -> None:
 def test_user_without_settings_passes_through() -> None:
     raw = b'{"messages": [{"role": "user", "content": "hi"}]}'
     req = request(raw)
-    other = Principal(user_id="u2", token_id="t2", tier="starter", status="active", overrides={}, key=None)
+    other = principal("u2", token_id="t2")
     assert preparer(default_model="a/b").prepare(other, req) is raw
     assert req.model is None
 

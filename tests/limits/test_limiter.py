@@ -32,6 +32,7 @@ from gateway.limits.limiter import Limiter
 from gateway.limits.policy import Limits, Refusal, first_refusal
 from gateway.proxy.types import Charge, ProxyRequest
 from tests.conftest import FakeClock, redis_url_or_skip
+from tests.conftest import principal as shared_principal
 
 # 2025-03-10 is a Monday; 12:00:30 UTC leaves room before every boundary the tests cross on purpose.
 T0 = datetime(2025, 3, 10, 12, 0, 30, tzinfo=timezone.utc).timestamp()
@@ -79,7 +80,7 @@ async def counters(request: pytest.FixtureRequest) -> AsyncIterator[Any]:
 
 
 def principal(user: str = "u1", **overrides: Any) -> Principal:
-    return Principal(user_id=user, token_id="tok", tier="t", status="active", overrides=overrides, key=None)
+    return shared_principal(user, tier="t", overrides=overrides)
 
 
 def request(model: str | None = PAID, started: float = T0, **body: Any) -> ProxyRequest:

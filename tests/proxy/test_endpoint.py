@@ -23,6 +23,7 @@ from gateway.proxy.sse import Observation
 from gateway.proxy.stop import EmergencyStop
 from gateway.proxy.types import Charge, ProxyRequest
 from gateway.upstream.client import UpstreamClient, UpstreamConnectionError
+from tests.conftest import principal as shared_principal
 
 BASE = "https://openrouter.test/api/v1"
 USER_KEY = "sk-or-v1-" + "u" * 64
@@ -40,7 +41,7 @@ STREAM = [
 
 def principal(status: str = "active", key: ProviderKey | None = ProviderKey("byok", USER_KEY, last4="uuuu"),
               token_id: str = "tok-1") -> Principal:
-    return Principal(user_id="user-1", token_id=token_id, tier="starter", status=status, overrides={}, key=key)
+    return shared_principal("user-1", status=status, key=key, token_id=token_id)
 
 
 class FakeAuth:
