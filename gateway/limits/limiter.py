@@ -26,7 +26,7 @@ import functools
 import logging
 import math
 from decimal import Decimal
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 from gateway.auth.tokens import Principal
 from gateway.catalog import ModelPrice, is_free_model
@@ -44,6 +44,16 @@ from gateway.limits.policy import Counters, Limits, Refusal, Snapshot, refusal
 from gateway.proxy.types import Charge, ProxyRequest
 
 log = logging.getLogger("gateway.limits.limiter")
+
+
+class PriceList(Protocol):
+    """What limits read of the catalogue (`gateway.catalog.Catalog`): prices, the free-model rule, freshness."""
+
+    fresh_until: float
+
+    def price(self, model: str | None) -> ModelPrice | None: ...
+
+    def is_free(self, model: str | None) -> bool: ...
 
 
 class LimitTicket:
@@ -97,7 +107,7 @@ class _Plan:
 class Limiter:
     """The `Admission` the proxy calls; never touches the database on the request path."""
 
-    def __init__(self, config: Config, counters: Counters, catalog: Any, *, clock: Clock = system_clock) -> None:
+    def __init__(self, config: Config, counters: Counters, catalog: PriceList, *, clock: Clock = system_clock) -> None:
         self.config = config
         self.counters = counters
         self.catalog = catalog
