@@ -70,6 +70,7 @@ class Ledger:
         self._flush_lock = asyncio.Lock()
         self._total_changed: list[TotalChangedCallback] = []
         self.records_written = 0
+        self.records_seen = 0  # grows with traffic: the settler's pacer tells load from its own work
         settler.attach(self)
 
     # -- listeners ------------------------------------------------------------
@@ -89,6 +90,7 @@ class Ledger:
 
     def record(self, principal: Principal, request: ProxyRequest, observation: Observation) -> None:
         """Queue the generation's record; never blocks, never raises into the proxy."""
+        self.records_seen += 1
         first_lookup_at = self._clock() + self._first_delay_s
         try:
             served = observation.model or request.model
@@ -155,6 +157,10 @@ class Ledger:
             self._writing, self._unwritten = self._unwritten, {}
             settlements, self._settlements = self._settlements, []
             records = list(self._writing.values())
+            lease_until = self.settler.lease_until()
+            for record in records:
+                if record.settle_status == PENDING:  # this instance holds its look-up
+                    record.lease_owner, record.lease_until = self.settler.owner, lease_until
             try:
                 await self._store.usage.write(records, settlements)
             except BaseException:
@@ -194,13 +200,14 @@ class Ledger:
     async def close(self) -> None:
         """Shutdown: stop settling (pending look-ups stay stored as pending) and flush everything."""
         await self.settler.stop()
-        for attempt in range(3):
+        for attempt in range(5):
             try:
                 await self.flush()
+                await self.settler.release(self._store)
                 return
             except Exception:
                 log.exception("final usage flush failed (attempt %d)", attempt + 1)
-                await asyncio.sleep(0.2)
+                await asyncio.sleep(0.2 * (attempt + 1))
 
 
 def key_lookup(gateway: "Gateway") -> KeyLookup:
@@ -238,6 +245,7 @@ async def install_accounting(gateway: "Gateway") -> Ledger:
     await settler.resume(gateway.store)
     gateway.spawn(ledger.run_writer())
     gateway.spawn(settler.run())
+    gateway.spawn(settler.run_leases(gateway.store))
     gateway.spawn(meter.run())
     gateway.metrics.gauge("gateway_settlements_pending", lambda: settler.pending)
     if config.jobs.usage_retention_days:

@@ -85,6 +85,7 @@ class GenerationLookupConfig(_Section):
     attempts: int = Field(12, ge=1)
     busy_cpu_share: float = Field(0.6, gt=0)
     busy_floor_per_s: float = Field(20, gt=0)
+    lease_s: float = Field(30, gt=0)
 
 
 class AccountingConfig(_Section):
