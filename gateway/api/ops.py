@@ -17,7 +17,8 @@ async def health(request: Request) -> Response:
 
 
 async def ready(request: Request) -> Response:
-    """Ready when the database answers and the upstream is reachable (any HTTP answer counts)."""
+    """Ready when the database answers, the upstream is reachable (any HTTP answer counts) and,
+    with `redis.url` set, Redis answers."""
     gateway = gateway_of(request)
     checks: dict[str, str] = {}
     try:
@@ -31,6 +32,13 @@ async def ready(request: Request) -> Response:
         checks["upstream"] = "ok"
     except (UpstreamConnectionError, asyncio.TimeoutError) as exc:
         checks["upstream"] = f"error: {type(exc).__name__}"
+    counters = getattr(getattr(gateway, "limiter", None), "counters", None)
+    if hasattr(counters, "ping"):  # shared limits in Redis: no admission without it (`redis.on_error`)
+        try:
+            await asyncio.wait_for(counters.ping(), 3)
+            checks["redis"] = "ok"
+        except Exception as exc:  # noqa: BLE001 - reported, not raised
+            checks["redis"] = f"error: {type(exc).__name__}"
     ok = all(v == "ok" for v in checks.values())
     return json_response({"status": "ok" if ok else "unavailable", "checks": checks}, status=200 if ok else 503)
 

@@ -233,7 +233,11 @@ class Limiter:
         return self.limits_of(principal), await self.counters.snapshot(principal.user_id, now), now
 
     async def load_spend(self, usage_repository: Any) -> None:
-        """One query per period for every user at start-up; after that, memory only."""
+        """One query per period for every user at start-up; after that, memory only (or Redis,
+        which rebuilds a user's spend from these records if it loses it: `in_redis`)."""
+        use_store = getattr(self.counters, "use_store", None)
+        if use_store is not None:
+            use_store(usage_repository, settle_wait_s=self.config.accounting.flush_interval_ms / 1000 + 0.3)
         now = self.clock()
         spend: dict[str, dict[str, Decimal]] = {}
         for period in PERIODS:

@@ -212,11 +212,15 @@ class UsageRepository:
             "UPDATE usage_records SET lease_owner = NULL, lease_until = NULL WHERE lease_owner = ? AND settle_status = ?",
             (owner, PENDING))
 
-    async def spend_since(self, since_iso: str, *, user_id: str | None = None) -> dict[str, Decimal]:
+    async def spend_since(self, since_iso: str, *, user_id: str | None = None, until_iso: str | None = None
+                          ) -> dict[str, Decimal]:
         """Per user, the sum of `total_cost` (provider cost + markup; provisional while unsettled)
-        of records created at or after `since_iso`. Exact: summed in Decimal, not SQL."""
+        of records created at or after `since_iso` (and before `until_iso`). Exact: summed in Decimal, not SQL."""
         sql = "SELECT user_id, total_cost FROM usage_records WHERE created_at >= ?"
         params: list[Any] = [since_iso]
+        if until_iso is not None:
+            sql += " AND created_at < ?"
+            params.append(until_iso)
         if user_id is not None:
             sql += " AND user_id = ?"
             params.append(user_id)
