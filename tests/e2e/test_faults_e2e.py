@@ -314,3 +314,40 @@ def test_redis_restarting_empty_never_loses_spend_on_two_instances(tmp_path, emu
         for gw in gws:
             gw.stop()
         redis_server.close()
+
+
+# ---------------------------------------------------------------- (7) the master key is never replaced
+
+
+def test_a_missing_or_wrong_master_key_is_refused_never_replaced(tmp_path, emulator):
+    import subprocess
+    import sys
+
+    from cryptography.fernet import Fernet
+    from conftest import ROOT
+
+    gw = start_gateway(tmp_path, emulator, {"tiers": UNLIMITED})
+    gw.create_user(tier="starter", key=emulator.new_key())
+    gw.stop()
+    key_file = tmp_path / "master.key"
+    original = key_file.read_text()
+
+    def gateway(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "gateway", "--config", str(gw.config_file), *args],
+                              cwd=tmp_path, env=gw.env, capture_output=True, text=True, timeout=60)
+
+    key_file.unlink()
+    for args in (("serve", "--port", str(free_port())), ("users", "list"), ("keys", "rotate-master")):
+        result = gateway(*args)
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 2 and len(lines) == 1, (args, result.stderr)
+        assert "master key file" in lines[0] and "missing" in lines[0] and "Traceback" not in result.stderr
+        assert not key_file.exists()  # nothing written behind the operator's back
+    print(f"\nmissing master key: {lines[0]}")
+
+    key_file.write_text(Fernet.generate_key().decode() + "\n")  # the wrong key
+    result = gateway("serve", "--port", str(free_port()))
+    assert result.returncode == 2 and "cannot decrypt" in result.stderr and "Traceback" not in result.stderr
+
+    key_file.write_text(original)  # the right one: works again
+    assert gateway("users", "list").returncode == 0
