@@ -50,6 +50,7 @@ class DatabaseConfig(_Section):
 
 class RedisConfig(_Section):
     url: str | None = None
+    on_error: Literal["closed"] = "closed"  # Redis unreachable: refuse with a 503 (`local` is not built yet)
 
 
 class SecurityConfig(_Section):
