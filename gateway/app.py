@@ -100,7 +100,8 @@ async def open_gateway(
 
     # -- accounting: one charge (pricing) for the ledger and the limits --
     lookup = cfg.accounting.generation_lookup
-    meter = CpuMeter()
+    # saturated means busy *with traffic* (records coming in), so the look-ups' own CPU never throttles them
+    meter = CpuMeter(activity=lambda: ledger.records_seen)
     settler = Settler(upstream, lookup, key_for=key_lookup(store, vault),
                       is_free_generation=catalog.is_free_generation, clock=clock,
                       pacer=Pacer(meter, busy_share=lookup.busy_cpu_share, floor_per_s=lookup.busy_floor_per_s))
@@ -109,7 +110,7 @@ async def open_gateway(
     pricing = Pricing(cfg, catalog.is_free_generation)
 
     # -- limits: spend from the database, then from each charge and the ledger's corrections --
-    counters = await open_counters(cfg)
+    counters = await open_counters(cfg, store.usage)
     lifecycle.on_shutdown(counters.close)
     limiter = Limiter(cfg, counters, catalog, clock=clock)
     await limiter.load_spend(store.usage)
@@ -125,6 +126,7 @@ async def open_gateway(
         await settler.resume(store)
         lifecycle.spawn(ledger.run_writer())
         lifecycle.spawn(settler.run())
+        lifecycle.spawn(settler.run_leases(store))
         lifecycle.spawn(meter.run())
         if cfg.jobs.usage_retention_days:
             lifecycle.spawn(ledger.run_retention(cfg.jobs.usage_retention_days))

@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import gc
 import os
+import signal
 import sys
+from types import FrameType
 from typing import Any
 
 import uvicorn
@@ -16,6 +18,17 @@ from gateway.security.first_run import ensure_runtime
 
 DEMO_EMULATOR_PORT = 8090
 GRACEFUL_SHUTDOWN_S = 30
+
+
+class GracefulServer(uvicorn.Server):
+    """SIGTERM is how an operator (or an orchestrator) stops the gateway: after a clean
+    drain the process exits 0. (uvicorn re-raises the captured signal once it has shut
+    down, which made every clean stop exit −15, indistinguishable from a crash.)"""
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        super().handle_exit(sig, frame)
+        if sig == signal.SIGTERM:
+            self._captured_signals = [s for s in self._captured_signals if s != signal.SIGTERM]
 
 
 def _uvicorn_config(app: Any, host: str, port: int, **extra: Any) -> uvicorn.Config:
@@ -84,7 +97,7 @@ def serve(
 
 def serve_app(app: Any, host: str, port: int) -> None:
     """Run one built app on uvicorn until it is told to stop (the bench's variants use this too)."""
-    asyncio.run(uvicorn.Server(_uvicorn_config(app, host, port)).serve())
+    asyncio.run(GracefulServer(_uvicorn_config(app, host, port)).serve())
 
 
 def _demo_config(config: Config, demo_port: int) -> Config:
@@ -96,7 +109,7 @@ async def _serve(config: Config, host: str, port: int, demo: bool, demo_port: in
     from gateway.app import create_app, instance_of
 
     app = create_app(config, after_start=settle_garbage_collector)
-    server = uvicorn.Server(_uvicorn_config(app, host, port))
+    server = GracefulServer(_uvicorn_config(app, host, port))
     if not demo:
         await server.serve()
         return

@@ -63,6 +63,7 @@ class Ledger:
         self._flush_lock = asyncio.Lock()
         self._total_changed: list[TotalChangedCallback] = []
         self.records_written = 0
+        self.records_seen = 0  # grows with traffic: the settler's pacer tells load from its own work
         settler.attach(self)
 
     # -- listeners ------------------------------------------------------------
@@ -82,6 +83,7 @@ class Ledger:
 
     def record(self, principal: Principal, request: ProxyRequest, observation: Observation, charge: Charge) -> None:
         """Queue the generation's record; never blocks, never raises into the proxy."""
+        self.records_seen += 1
         first_lookup_at = self._clock() + self._first_delay_s
         try:
             record = build_record(principal, request, observation, charge, first_lookup_at=first_lookup_at)
@@ -139,6 +141,10 @@ class Ledger:
             self._writing, self._unwritten = self._unwritten, {}
             settlements, self._settlements = self._settlements, []
             records = list(self._writing.values())
+            lease_until = self.settler.lease_until()
+            for record in records:
+                if record.settle_status == PENDING:  # this instance holds its look-up
+                    record.lease_owner, record.lease_until = self.settler.owner, lease_until
             try:
                 await self._store.usage.write(records, settlements)
             except BaseException:
@@ -178,13 +184,14 @@ class Ledger:
     async def close(self) -> None:
         """Shutdown: stop settling (pending look-ups stay stored as pending) and flush everything."""
         await self.settler.stop()
-        for attempt in range(3):
+        for attempt in range(5):
             try:
                 await self.flush()
+                await self.settler.release(self._store)
                 return
             except Exception:
                 log.exception("final usage flush failed (attempt %d)", attempt + 1)
-                await asyncio.sleep(0.2)
+                await asyncio.sleep(0.2 * (attempt + 1))
 
 
 def key_lookup(store: Store, vault: Vault) -> KeyLookup:

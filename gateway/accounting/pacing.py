@@ -6,6 +6,10 @@ CPU share a few times a second (one `time.process_time()` call, nothing per requ
 `Pacer.acquire` lets background work through at once while the process has spare CPU,
 and at `floor_per_s` while it is saturated, so deferred work never starves and drains
 as soon as the load eases.
+
+Saturated means busy *and serving traffic* (the `activity` count moved within the last
+`traffic_window_s`): the background work's own CPU must not count as load, or a
+backlog draining at full speed would throttle itself to the floor once traffic stops.
 """
 
 from __future__ import annotations
@@ -24,12 +28,18 @@ class CpuMeter:
         interval_s: float = 0.1,
         cpu_clock: Callable[[], float] = time.process_time,
         wall_clock: Callable[[], float] = time.monotonic,
+        activity: Callable[[], int] | None = None,
+        traffic_window_s: float = 1.0,
     ) -> None:
         self.interval_s = interval_s
         self._cpu = cpu_clock
         self._wall = wall_clock
         self._last = (self._cpu(), self._wall())
         self.share = 0.0
+        self.activity = activity  # a count that grows with traffic (requests recorded)
+        self.traffic_window_s = traffic_window_s
+        self._last_activity: int | None = None
+        self._activity_at = self._wall()
 
     def sample(self) -> float:
         cpu, wall = self._cpu(), self._wall()
@@ -37,7 +47,16 @@ class CpuMeter:
         if wall > last_wall:
             self.share = (cpu - last_cpu) / (wall - last_wall)
             self._last = (cpu, wall)
+        if self.activity is not None:
+            count = self.activity()
+            if count != self._last_activity:
+                self._last_activity, self._activity_at = count, wall
         return self.share
+
+    @property
+    def traffic(self) -> bool:
+        """Whether requests are being served (always True when nobody counts them)."""
+        return self.activity is None or self._wall() - self._activity_at <= self.traffic_window_s
 
     async def run(self) -> None:
         while True:
@@ -64,7 +83,7 @@ class Pacer:
         self.throttled = 0
 
     def saturated(self) -> bool:
-        return self.meter is not None and self.meter.share >= self.busy_share
+        return self.meter is not None and self.meter.share >= self.busy_share and self.meter.traffic
 
     async def acquire(self) -> None:
         """Wait for a turn: none while there is spare CPU, one per floor interval while saturated."""

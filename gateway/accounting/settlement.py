@@ -15,6 +15,11 @@ in the background with bounded concurrency and yield to traffic (`gateway.pacing
 look-up costs about as much as proxying a request, so while the process is CPU-bound
 they run at `busy_floor_per_s` and catch up when the load eases. Nothing here is on the
 request path.
+
+Several instances share the pending records through leases (`generation_lookup.lease_s`):
+the records an instance writes carry its lease, which it renews while it runs and
+releases at a graceful shutdown; an instance claims only records whose lease is free or
+has run out (`run_leases`), so each pending look-up is resumed by one instance only.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import asyncio
 import heapq
 import itertools
 import logging
+import secrets
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any, Awaitable, Callable, Protocol
@@ -133,6 +139,8 @@ class Settler:
         self._pacer = pacer
         self._running: set[asyncio.Task[None]] = set()
         self.lookups = 0
+        self.owner = "settler-" + secrets.token_hex(8)  # this instance, as the holder of leases
+        self.lease_s = lookup.lease_s
 
     def attach(self, ledger: SettlementSink) -> None:
         self._ledger = ledger
@@ -159,14 +167,32 @@ class Settler:
         heapq.heappush(self._heap, (pending.due, next(self._seq), pending))
         self._wake.set()
 
+    def lease_until(self) -> str:
+        """The lease end to stamp on the records this instance writes or renews now."""
+        return iso(self._clock() + self.lease_s)
+
     async def resume(self, store: "Store") -> int:
-        """After a restart: every stored `pending` record goes back on the schedule."""
-        records = await store.usage.pending(limit=1_000_000)
+        """Claim the stored `pending` records nobody holds and put them on the schedule."""
+        records = await store.usage.claim_pending(self.owner, self.lease_until(), iso(self._clock()), limit=1_000_000)
         for record in records:
             self.schedule(record)
         if records:
             log.info("resuming cost look-ups for %d pending generations", len(records))
         return len(records)
+
+    async def run_leases(self, store: "Store") -> None:
+        """Renew this instance's leases; take over the look-ups of an instance that died."""
+        while True:
+            await asyncio.sleep(self.lease_s / 3)
+            try:
+                await store.usage.renew_leases(self.owner, self.lease_until())
+                await self.resume(store)
+            except Exception:
+                log.exception("renewing cost look-up leases failed; retrying")
+
+    async def release(self, store: "Store") -> None:
+        """Graceful shutdown (after the last flush): the next instance resumes these at once."""
+        await store.usage.release_leases(self.owner)
 
     # -- running ----------------------------------------------------------------
 
@@ -195,10 +221,17 @@ class Settler:
         return done
 
     async def run(self) -> None:
+        """Start what is due, then sleep until the next look-up is due or a slot frees.
+
+        With every slot busy the wait has no timeout: `_finished` wakes it. (Waiting for
+        "the next due time" then would be a timeout of 0 for an overdue backlog: a spin.)
+        """
         while True:
             self.start_due()
             self._wake.clear()
-            timeout = max(self._heap[0][0] - self._clock(), 0.0) if self._heap else None
+            timeout = None
+            if self._heap and len(self._running) < self._max_running:
+                timeout = max(self._heap[0][0] - self._clock(), 0.001)
             try:
                 await asyncio.wait_for(self._wake.wait(), timeout)
             except TimeoutError:

@@ -9,6 +9,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from gateway.api.common import gateway_of, json_response
+from gateway.limits.in_redis import RedisCounters
 from gateway.upstream.client import UpstreamConnectionError
 
 
@@ -17,7 +18,8 @@ async def health(request: Request) -> Response:
 
 
 async def ready(request: Request) -> Response:
-    """Ready when the database answers and the upstream is reachable (any HTTP answer counts)."""
+    """Ready when the database answers, the upstream is reachable (any HTTP answer counts) and,
+    with `redis.url` set, Redis answers."""
     gateway = gateway_of(request)
     checks: dict[str, str] = {}
     try:
@@ -31,6 +33,13 @@ async def ready(request: Request) -> Response:
         checks["upstream"] = "ok"
     except (TimeoutError, UpstreamConnectionError) as exc:
         checks["upstream"] = f"error: {type(exc).__name__}"
+    counters = gateway.limiter.counters
+    if isinstance(counters, RedisCounters):  # shared limits in Redis: no admission without it (`redis.on_error`)
+        try:
+            await asyncio.wait_for(counters.ping(), 3)
+            checks["redis"] = "ok"
+        except Exception as exc:  # noqa: BLE001 - reported, not raised
+            checks["redis"] = f"error: {type(exc).__name__}"
     ok = all(v == "ok" for v in checks.values())
     return json_response({"status": "ok" if ok else "unavailable", "checks": checks}, status=200 if ok else 503)
 

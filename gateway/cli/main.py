@@ -219,9 +219,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from gateway.security.first_run import MasterKeyError, check_master_keys
+    from gateway.security.vault import VaultError
+
     try:
+        if args.command not in ("emulator", "serve", "init"):  # serve and init check in `ensure_runtime`
+            check_master_keys(load(args))  # a master key that cannot decrypt the stored keys: refuse, exit 2
         COMMANDS[args.command](args)
-    except (CliError, ConfigError) as exc:
+    except (CliError, ConfigError, MasterKeyError, VaultError) as exc:
         _fail(str(exc))
     except GatewayError as exc:
         _fail(exc.message, 1 if exc.status >= 500 else EXIT_BAD_INPUT)

@@ -50,6 +50,7 @@ class DatabaseConfig(_Section):
 
 class RedisConfig(_Section):
     url: str | None = None
+    on_error: Literal["closed"] = "closed"  # Redis unreachable: refuse with a 503 (`local` is not built yet)
 
 
 class SecurityConfig(_Section):
@@ -85,6 +86,7 @@ class GenerationLookupConfig(_Section):
     attempts: int = Field(12, ge=1)
     busy_cpu_share: float = Field(0.6, gt=0)
     busy_floor_per_s: float = Field(20, gt=0)
+    lease_s: float = Field(30, gt=0)
 
 
 class AccountingConfig(_Section):

@@ -99,6 +99,11 @@ class BadGateway(GatewayError):
     type = "upstream_error"
 
 
+class GatewayTimeout(GatewayError):
+    status = 504
+    type = "timeout_error"
+
+
 class ServiceUnavailable(GatewayError):
     status = 503
     type = "service_unavailable"

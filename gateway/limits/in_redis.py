@@ -13,9 +13,26 @@ Layout, all keys of a user in one hash slot (`{user}`):
   and for tokens), so both backends count the same way.
 - `:f` a sorted set ticket → lease deadline (in flight; a crashed instance's requests
   stop counting when their lease ends) and `:r` a hash ticket → reserved charge.
-- `:s:day:2025-01-31`, `:s:week:…`, `:s:month:2025-01`, `:s:all`: charged spend.
+- `:s` a hash of charged spend: fields `day:2025-01-31`, `week:…`, `month:2025-01`,
+  `all`, and `seeded`, the marker that this hash holds the user's spend from the database.
 Money is stored as integer picodollars (10⁻¹² USD; reservations rounded up), so Redis
 adds integers and Python converts back to Decimal; a float never holds money.
+
+Redis losing its data (restart without persistence, failover to an empty replica,
+FLUSHALL, eviction, expiry of an idle user's hash) must never lose spend. The marker
+goes with the spend it vouches for (one key), so a hash without `seeded` is detected by
+the admission script itself, which then admits nothing for that user and notes when the
+loss was first seen (`lost_at`). This instance waits until the records that ended
+before that moment are in the database (`settle_wait_s`: the ledger's flush interval
+and a margin), adds the user's spend from the database (records created before
+`lost_at`) to whatever was counted live since, sets the marker (once, atomically, even
+when several instances rebuild at the same time) and admits again. Spend is never
+undercounted; a request in flight across the loss may be counted twice (the safe
+side), and the reservations of requests in flight at the loss are not restored.
+
+Dead pooled connections (Redis restarted) are retried at once on a fresh connection;
+Redis unreachable makes admission fail fast with a 503 naming it (`redis.on_error:
+closed`); queued counter updates are kept and written again once it answers.
 """
 
 from __future__ import annotations
@@ -25,14 +42,19 @@ import itertools
 import logging
 import secrets
 from decimal import Decimal
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable
 
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from gateway.core.clock import iso
 from gateway.core.errors import ServiceUnavailable
-from gateway.core.money import from_pico, to_pico
-from gateway.core.windows import PERIODS, period_id
+from gateway.core.money import ZERO, from_pico, to_pico
+from gateway.core.windows import PERIODS, period_id, period_start
 from gateway.limits.policy import (
     HOUR_BUCKET_S,
     MINUTE_BUCKET_S,
@@ -43,14 +65,19 @@ from gateway.limits.policy import (
 
 log = logging.getLogger("gateway.limits.limiter")
 
-PERIOD_TTL_S = {"day": 3 * 86400, "week": 15 * 86400, "month": 63 * 86400}
 WINDOW_TTL_S = {"m": 120, "h": 7200, "t": 7200}
 
-# KEYS: 1 minute, 2 hour, 3 tokens, 4 in flight, 5 reservations, 6 day, 7 week, 8 month, 9 all
+# KEYS: 1 minute, 2 hour, 3 tokens, 4 in flight, 5 reservations, 6 spend hash
 # ARGV: 1 now, 2 rpm, 3 rph, 4 concurrent, 5 tokens/h, 6 day budget, 7 month budget (pico),
-#       8 reserve (pico), 9 free, 10 ticket, 11 lease deadline, 12 minute bucket, 13 hour bucket, 14 lease ttl
-# Limits are -1 when unlimited. Returns {refused or "", minute, hour, tokens, inflight, reserved, day, week, month, all}.
+#       8 reserve (pico), 9 free, 10 ticket, 11 lease deadline, 12 minute bucket, 13 hour bucket, 14 lease ttl,
+#       15 day field, 16 week field, 17 month field
+# Limits are -1 when unlimited. Returns {refused or "", minute, hour, tokens, inflight, reserved, day, week, month, all},
+# or {"unseeded", lost_at} when the spend hash has lost its data (then nothing is counted).
 ADMIT = """
+if redis.call('HEXISTS', KEYS[6], 'seeded') == 0 then
+  redis.call('HSETNX', KEYS[6], 'lost_at', ARGV[1])
+  return {'unseeded', redis.call('HGET', KEYS[6], 'lost_at')}
+end
 local function window(key, oldest)
   local raw = redis.call('HGETALL', key)
   local total, kept, stale = 0, {}, {}
@@ -78,10 +105,14 @@ end
 local inflight = redis.call('ZCARD', KEYS[4])
 local reserved = 0
 for _, v in ipairs(redis.call('HVALS', KEYS[5])) do reserved = reserved + tonumber(v) end
-local day = redis.call('GET', KEYS[6]) or '0'
-local week = redis.call('GET', KEYS[7]) or '0'
-local month = redis.call('GET', KEYS[8]) or '0'
-local all = redis.call('GET', KEYS[9]) or '0'
+local spend = redis.call('HMGET', KEYS[6], ARGV[15], ARGV[16], ARGV[17], 'all')
+local day, week, month, all = spend[1] or '0', spend[2] or '0', spend[3] or '0', spend[4] or '0'
+if redis.call('HLEN', KEYS[6]) > 12 then  -- periods gone by: drop their fields
+  local keep = {[ARGV[15]] = 1, [ARGV[16]] = 1, [ARGV[17]] = 1, all = 1, seeded = 1, lost_at = 1}
+  local old = {}
+  for _, f in ipairs(redis.call('HKEYS', KEYS[6])) do if not keep[f] then old[#old + 1] = f end end
+  if #old > 0 then redis.call('HDEL', KEYS[6], unpack(old)) end
+end
 local function over(limit, used) return tonumber(limit) >= 0 and used >= tonumber(limit) end
 local refused = ''
 if over(ARGV[2], minute) then refused = 'requests_per_minute'
@@ -105,6 +136,21 @@ return {refused, minute_kept, hour_kept, tokens_kept, inflight, string.format('%
         day, week, month, all}
 """
 
+# KEYS: 1 spend hash. ARGV: 1 ttl, then field, amount pairs (picodollars) from the database.
+# Adds them (to what was counted live since the loss) and sets the marker, unless another
+# instance did first. Returns 1 when this call rebuilt the hash.
+REBUILD = """
+if redis.call('HEXISTS', KEYS[1], 'seeded') == 1 then return 0 end
+for i = 2, #ARGV, 2 do redis.call('HINCRBY', KEYS[1], ARGV[i], ARGV[i + 1]) end
+redis.call('HSET', KEYS[1], 'seeded', '1')
+redis.call('HDEL', KEYS[1], 'lost_at')
+redis.call('EXPIRE', KEYS[1], ARGV[1])
+return 1
+"""
+SPEND_TTL_S = 63 * 86400  # an idle user's hash expires; their next admission rebuilds it
+
+SpendSource = Callable[[str, float, float], Awaitable[dict[str, Decimal]]]
+
 
 def _buckets(flat: list[Any]) -> dict[int, int]:
     """Bucket → count in ascending bucket order (Snapshot's contract; Redis hashes are unordered)."""
@@ -119,7 +165,13 @@ class RedisCounters:
     def __init__(self, client: aioredis.Redis, *, lease_s: float) -> None:
         self._redis = client
         self._admit = client.register_script(ADMIT)
+        self._rebuild_script = client.register_script(REBUILD)
         self._lease_s = lease_s
+        self._spend_source: SpendSource | None = None  # the database's spend of a user (`use_store`)
+        self.settle_wait_s = 0.0
+        self._rebuilding: dict[str, asyncio.Future[None]] = {}
+        self.rebuilds = 0
+        self._retry_handle: asyncio.TimerHandle | None = None
         self._ops: list[Callable[[Any], None]] = []
         self._dirty: set[str] = set()  # users with queued updates
         self._writing: set[str] = set()  # users whose updates are being written
@@ -129,7 +181,13 @@ class RedisCounters:
 
     @classmethod
     async def connect(cls, url: str, *, lease_s: float) -> "RedisCounters":
-        client = aioredis.from_url(url, decode_responses=True)
+        # A dead pooled connection (Redis restarted) fails its first command: retried at once
+        # on a new connection. Redis down fails within about a second, never a long hang.
+        client = aioredis.from_url(
+            url, decode_responses=True, socket_connect_timeout=1, socket_timeout=2, health_check_interval=15,
+            retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), 2),
+            retry_on_error=[RedisConnectionError, RedisTimeoutError, ConnectionError, OSError],
+        )
         try:
             await client.ping()
         except RedisError as exc:
@@ -141,8 +199,56 @@ class RedisCounters:
     def _key(user_id: str, part: str) -> str:
         return f"gw:l:{{{user_id}}}:{part}"
 
-    def _spend_keys(self, user_id: str, at: float) -> list[str]:
-        return [self._key(user_id, f"s:{p}:{period_id(p, at)}") for p in PERIODS] + [self._key(user_id, "s:all")]
+    @staticmethod
+    def _spend_fields(at: float) -> list[str]:
+        return [f"{p}:{period_id(p, at)}" for p in PERIODS] + ["all"]
+
+    def use_store(self, usage: Any, *, settle_wait_s: float) -> None:
+        """Where a lost user's spend is rebuilt from: the usage records (`store.usage`)."""
+
+        async def source(user_id: str, before: float, now: float) -> dict[str, Decimal]:
+            until = iso(before)
+            spend = {}
+            for period in PERIODS:
+                since = iso(period_start(period, now).timestamp())
+                spend[period] = (await usage.spend_since(since, user_id=user_id, until_iso=until)).get(user_id, 0)
+            spend["all"] = (await usage.spend_since(iso(0), user_id=user_id, until_iso=until)).get(user_id, 0)
+            return spend
+
+        self._spend_source = source
+        self.settle_wait_s = settle_wait_s
+
+    async def ping(self) -> None:
+        await self._redis.ping()
+
+    async def _rebuild(self, user_id: str, lost_at: float, now: float) -> None:
+        """Rebuild one user's spend hash from the database (see the module doc); one at a time per user."""
+        running = self._rebuilding.get(user_id)
+        if running is not None:
+            return await asyncio.shield(running)
+        future = self._rebuilding[user_id] = asyncio.get_running_loop().create_future()
+        try:
+            wait = self.settle_wait_s - (now - lost_at)
+            if wait > 0:
+                await asyncio.sleep(min(wait, self.settle_wait_s))  # records ended before the loss reach the db
+            spend = await self._spend_source(user_id, lost_at, now) if self._spend_source else {}
+            args: list[Any] = [SPEND_TTL_S]
+            for field, period in zip(self._spend_fields(now), (*PERIODS, "all")):
+                args += [field, to_pico(spend.get(period) or ZERO)]
+            try:
+                rebuilt = await self._rebuild_script(keys=[self._key(user_id, "s")], args=args)
+            except RedisError as exc:
+                raise _unavailable(exc) from None
+            if rebuilt:
+                self.rebuilds += 1
+                log.warning("Redis had lost the limit counters of user %s: spend rebuilt from the database", user_id)
+            future.set_result(None)
+        except BaseException as exc:
+            future.set_exception(exc)
+            future.exception()  # retrieved: the caller gets it raised
+            raise
+        finally:
+            self._rebuilding.pop(user_id, None)
 
     async def _settled(self, user_id: str) -> None:
         """Let this instance's own settles of the user land first, so its next admission sees them."""
@@ -167,17 +273,30 @@ class RedisCounters:
                         op(pipe)
                     await pipe.execute()
             except RedisError as exc:
-                # reservations then lapse with their lease; spend is lost for this batch
-                log.error("updating %d limit counters in Redis failed: %s", len(ops), exc)
+                # kept, in order, and written again once Redis answers: spend is never dropped
+                log.error("updating %d limit counters in Redis failed (%s); retrying", len(ops), exc)
+                self._ops = ops + self._ops
+                self._dirty |= self._writing
+                self._writing = set()
+                self._retry_soon()
+                return
             finally:
                 self._writing = set()
+
+    def _retry_soon(self) -> None:
+        if self._retry_handle is None or self._retry_handle.cancelled():
+            def kick() -> None:
+                self._retry_handle = None
+                if self._ops and (self._flushing is None or self._flushing.done()):
+                    self._flushing = asyncio.get_running_loop().create_task(self._flush())
+            self._retry_handle = asyncio.get_running_loop().call_later(0.5, kick)
 
     async def acquire(self, user_id: str, limits: Limits, reserve: int, free: bool, now: float) -> str:
         await self._settled(user_id)
         ticket_id = self._ticket_prefix + str(next(self._tickets))
         key = self._key
         keys = [key(user_id, "m"), key(user_id, "h"), key(user_id, "t"), key(user_id, "f"), key(user_id, "r"),
-                *self._spend_keys(user_id, now)]
+                key(user_id, "s")]
         args: list[Any] = [
             repr(now), _limit(limits.requests_per_minute), _limit(limits.requests_per_hour),
             _limit(limits.max_concurrent), _limit(limits.tokens_per_hour),
@@ -185,11 +304,18 @@ class RedisCounters:
             -1 if limits.monthly_budget_usd is None else limits.monthly_cap_pico,
             reserve, "1" if free else "0", ticket_id, repr(now + self._lease_s),
             int(now // MINUTE_BUCKET_S), int(now // HOUR_BUCKET_S), int(self._lease_s) + 1,
+            *self._spend_fields(now)[:3],
         ]
-        try:
-            result = await self._admit(keys=keys, args=args)
-        except RedisError as exc:
-            raise _unavailable(exc) from None
+        for _ in range(3):
+            try:
+                result = await self._admit(keys=keys, args=args)
+            except RedisError as exc:
+                raise _unavailable(exc) from None
+            if result[0] != "unseeded":
+                break
+            await self._rebuild(user_id, float(result[1]), now)
+        else:
+            raise _unavailable(RuntimeError("spend counters could not be rebuilt"))
         refused, minute, hour, tokens, inflight, reserved, day, week, month, total = result
         snapshot = Snapshot(
             minute=_buckets(minute), hour=_buckets(hour), tokens=_buckets(tokens), inflight=int(inflight),
@@ -213,15 +339,14 @@ class RedisCounters:
     def spend(self, user_id: str, at: float, amount: int, tokens: int, now: float) -> None:
         if not amount and not tokens:
             return
-        spend_keys = self._spend_keys(user_id, at)
+        spend_key, fields = self._key(user_id, "s"), self._spend_fields(at)
         tokens_key, bucket = self._key(user_id, "t"), str(int(now // HOUR_BUCKET_S))
 
         def op(pipe: Any) -> None:
             if amount:
-                for period, key in zip(PERIODS, spend_keys):
-                    pipe.incrby(key, amount)
-                    pipe.expire(key, PERIOD_TTL_S[period])
-                pipe.incrby(spend_keys[-1], amount)
+                for field in fields:
+                    pipe.hincrby(spend_key, field, amount)
+                pipe.expire(spend_key, SPEND_TTL_S)
             if tokens:
                 pipe.hincrby(tokens_key, bucket, tokens)
                 pipe.expire(tokens_key, WINDOW_TTL_S["t"])
@@ -232,17 +357,22 @@ class RedisCounters:
         """Read-only: the same counters the admission script reads, for /v1/limits and /v1/key."""
         await self._settled(user_id)
         key = self._key
-        try:
-            async with self._redis.pipeline(transaction=True) as pipe:
-                pipe.hgetall(key(user_id, "m"))
-                pipe.hgetall(key(user_id, "h"))
-                pipe.hgetall(key(user_id, "t"))
-                pipe.zrangebyscore(key(user_id, "f"), repr(now), "+inf")
-                pipe.hgetall(key(user_id, "r"))
-                pipe.mget(self._spend_keys(user_id, now))
-                minute, hour, tokens, live, reservations, spend = await pipe.execute()
-        except RedisError as exc:
-            raise _unavailable(exc) from None
+        for _ in range(3):
+            try:
+                async with self._redis.pipeline(transaction=True) as pipe:
+                    pipe.hgetall(key(user_id, "m"))
+                    pipe.hgetall(key(user_id, "h"))
+                    pipe.hgetall(key(user_id, "t"))
+                    pipe.zrangebyscore(key(user_id, "f"), repr(now), "+inf")
+                    pipe.hgetall(key(user_id, "r"))
+                    pipe.hmget(key(user_id, "s"), [*self._spend_fields(now), "seeded", "lost_at"])
+                    minute, hour, tokens, live, reservations, spend = await pipe.execute()
+            except RedisError as exc:
+                raise _unavailable(exc) from None
+            if spend[4] is not None:
+                break
+            await self._rebuild(user_id, float(spend[5]) if spend[5] else now, now)
+        spend = spend[:4]
 
         def window(raw: dict[str, str], bucket_s: float) -> dict[int, int]:
             oldest = int(now // bucket_s) - 59
@@ -256,17 +386,20 @@ class RedisCounters:
         )
 
     async def seed(self, spend: dict[str, dict[str, Decimal]], now: float) -> None:
-        """Fill counters Redis does not have yet (first instance after Redis started); never overwrite."""
-        async with self._redis.pipeline(transaction=False) as pipe:
-            for period in PERIODS:
-                for user_id, amount in spend.get(period, {}).items():
-                    pipe.set(self._key(user_id, f"s:{period}:{period_id(period, now)}"), to_pico(amount),
-                             nx=True, ex=PERIOD_TTL_S[period])
-            for user_id, amount in spend.get("all", {}).items():
-                pipe.set(self._key(user_id, "s:all"), to_pico(amount), nx=True)
-            await pipe.execute()
+        """At start-up: rebuild the hash of every user with spend that Redis does not vouch for."""
+        users = set().union(*(spend.get(p, {}) for p in (*PERIODS, "all")))
+        fields = self._spend_fields(now)
+        for user_id in users:
+            args: list[Any] = [SPEND_TTL_S]
+            for field, period in zip(fields, (*PERIODS, "all")):
+                args += [field, to_pico(spend.get(period, {}).get(user_id) or ZERO)]
+            await self._rebuild_script(keys=[self._key(user_id, "s")], args=args)
 
     async def close(self) -> None:
+        if self._retry_handle is not None:
+            self._retry_handle.cancel()
+        if self._ops and (self._flushing is None or self._flushing.done()):
+            self._flushing = asyncio.get_running_loop().create_task(self._flush())  # a last try
         if self._flushing is not None:
             await asyncio.gather(self._flushing, return_exceptions=True)
         await self._redis.aclose()

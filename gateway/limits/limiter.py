@@ -224,7 +224,8 @@ class Limiter:
         return self.limits_of(principal), await self.counters.snapshot(principal.user_id, now), now
 
     async def load_spend(self, usage_repository: Any) -> None:
-        """One query per period for every user at start-up; after that, memory only."""
+        """One query per period for every user at start-up; after that, memory only (or Redis,
+        which rebuilds a user's spend from these records if it loses it: `in_redis`)."""
         now = self.clock()
         spend: dict[str, dict[str, Decimal]] = {}
         for period in PERIODS:
@@ -247,10 +248,13 @@ def _fallback_models(body: dict[str, Any]) -> list[str]:
 # -- installation -----------------------------------------------------------------------
 
 
-async def open_counters(config: Config) -> Counters:
-    """The limit counters: shared in Redis when `redis.url` is set, else this process's memory."""
+async def open_counters(config: Config, usage: Any) -> Counters:
+    """The limit counters: shared in Redis when `redis.url` is set (rebuilding a user's spend from `usage`,
+    the database's records, if Redis loses it), else this process's memory."""
     if config.redis.url:
-        return await RedisCounters.connect(config.redis.url, lease_s=config.server.request_timeout_s + 60)
+        counters = await RedisCounters.connect(config.redis.url, lease_s=config.server.request_timeout_s + 60)
+        counters.use_store(usage, settle_wait_s=config.accounting.flush_interval_ms / 1000 + 0.3)
+        return counters
     return MemoryCounters()
 
 

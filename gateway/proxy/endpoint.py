@@ -22,6 +22,7 @@ from gateway.core.errors import (
     BadRequest,
     Forbidden,
     GatewayError,
+    GatewayTimeout,
     PaymentRequired,
     ServiceUnavailable,
     UnsupportedMediaType,
@@ -229,8 +230,7 @@ class ProxyEndpoint:
                     headers=self._upstream_headers(scope),
                 )
             except UpstreamConnectionError as exc:
-                await send_error(send, BadGateway(f"OpenRouter could not be reached: {exc}. Try again."),
-                                 request.request_id)
+                await send_error(send, upstream_failure(exc), request.request_id)
                 return
             request.status = response.status
             request.first_byte = self.clock()
@@ -268,8 +268,9 @@ class ProxyEndpoint:
         try:
             raw = await response.read()
         except UpstreamConnectionError as exc:
-            request.status = 502
-            await send_error(send, BadGateway(f"OpenRouter broke off the response: {exc}."), request.request_id)
+            error = upstream_failure(exc)
+            request.status = error.status
+            await send_error(send, error, request.request_id)
             return
         if response.status >= 400:
             raw = upstream_error_body(response.status, raw)
@@ -326,6 +327,21 @@ async def _pump(send: Send, response: UpstreamResponse, observer: StreamObserver
 async def _wait_disconnect(receive: Receive) -> None:
     while (await receive())["type"] != "http.disconnect":
         pass
+
+
+MAY_HAVE_RUN = (
+    " The request had been sent, so the generation may still have run and be billed: check "
+    "GET /v1/usage (or /v1/generation with the X-Generation-Id, when one was returned) before retrying."
+)
+
+
+def upstream_failure(exc: UpstreamConnectionError) -> GatewayError:
+    """504 for a timeout, 502 otherwise; saying so when the generation may have run anyway."""
+    if not exc.sent:
+        return BadGateway(f"OpenRouter could not be reached ({exc}); nothing was sent. Try again.")
+    if exc.timeout:
+        return GatewayTimeout(f"OpenRouter did not answer in time ({exc})." + MAY_HAVE_RUN)
+    return BadGateway(f"The connection to OpenRouter broke ({exc})." + MAY_HAVE_RUN)
 
 
 def _request_id(scope: Scope) -> str:

@@ -2,15 +2,23 @@
 
 aiosqlite already runs every statement on one worker thread; the lock makes a
 transaction's statements contiguous so a concurrent coroutine never lands inside it.
+
+A cancelled await does not stop a statement already handed to that thread. A `BEGIN
+IMMEDIATE` cancelled while it waits for another process's write lock (several workers
+on one file; a shutdown cancelling the writer) would still begin a transaction nobody
+owns, and every later `BEGIN` would fail with "cannot start a transaction within a
+transaction". So BEGIN/COMMIT/ROLLBACK run shielded, and a transaction left open by a
+cancelled caller is rolled back before the next one begins.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import AsyncIterator, Sequence
+from typing import Any, AsyncIterator, Sequence
 
 import aiosqlite
 
@@ -53,6 +61,7 @@ class SqliteDatabase:
         self._conn = conn
         self._inner = _Connection(conn)
         self._lock = asyncio.Lock()
+        self._control_task: asyncio.Future[Any] | None = None
 
     @classmethod
     async def open(cls, path: str) -> "SqliteDatabase":
@@ -60,14 +69,15 @@ class SqliteDatabase:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
         conn = await aiosqlite.connect(path, isolation_level=None)
         conn.row_factory = aiosqlite.Row
+        await conn.execute("PRAGMA busy_timeout=5000")  # first: switching to WAL also waits for other openers
         await conn.execute("PRAGMA journal_mode=WAL")
         await conn.execute("PRAGMA synchronous=NORMAL")
-        await conn.execute("PRAGMA busy_timeout=5000")
         await conn.execute("PRAGMA foreign_keys=ON")
         return cls(conn)
 
     async def execute(self, sql: str, params: Params = ()) -> int:
         async with self._lock:
+            await self._drop_orphan()  # or this write would join (and die with) an orphaned transaction
             return await self._inner.execute(sql, params)
 
     async def executemany(self, sql: str, rows: Sequence[Params]) -> None:
@@ -82,17 +92,32 @@ class SqliteDatabase:
         async with self._lock:
             return await self._inner.fetchall(sql, params)
 
+    async def _control(self, sql: str) -> None:
+        """BEGIN/COMMIT/ROLLBACK, shielded: a cancelled caller leaves it to finish, not half-known."""
+        task = self._control_task = asyncio.ensure_future(self._conn.execute(sql))
+        await asyncio.shield(task)
+
+    async def _drop_orphan(self) -> None:
+        """Roll back a transaction a cancelled caller left open (see the module doc)."""
+        if self._control_task is not None and not self._control_task.done():
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self._control_task)
+        if self._conn.in_transaction:
+            await self._control("ROLLBACK")
+
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[Executor]:
         async with self._lock:
-            await self._conn.execute("BEGIN IMMEDIATE")
+            await self._drop_orphan()
+            await self._control("BEGIN IMMEDIATE")
             try:
                 yield self._inner
             except BaseException:
-                await self._conn.execute("ROLLBACK")
+                if self._conn.in_transaction:
+                    await self._control("ROLLBACK")
                 raise
             else:
-                await self._conn.execute("COMMIT")
+                await self._control("COMMIT")
 
     def translate(self, sql: str) -> str:
         return sql.replace("{{AUTOINC}}", "INTEGER PRIMARY KEY AUTOINCREMENT")

@@ -53,6 +53,8 @@ class UsageRecord:
     settle_attempts: int = 0
     next_attempt_at: str | None = None
     upstream: str | None = None  # the upstream /generation stats as JSON, once settled
+    lease_owner: str | None = None  # the instance whose settler holds this pending look-up …
+    lease_until: str | None = None  # … until then, unless it renews (see `claim_pending`)
 
     @property
     def tokens(self) -> int:
@@ -68,7 +70,7 @@ class UsageRecord:
             format(self.provider_cost, "f"), format(self.markup, "f"), format(self.total_cost, "f"),
             format(self.markup_pct, "f"), self.markup_reason, int(self.free), self.tier, self.latency_ms,
             self.created_at, self.settled_at, self.settle_status, self.settle_attempts, self.next_attempt_at,
-            self.upstream,
+            self.upstream, self.lease_owner, self.lease_until,
         )
 
     @classmethod
@@ -179,11 +181,46 @@ class UsageRepository:
         )
         return [UsageRecord.from_row(r) for r in rows]
 
-    async def spend_since(self, since_iso: str, *, user_id: str | None = None) -> dict[str, Decimal]:
+    async def claim_pending(self, owner: str, until_iso: str, now_iso: str, *, limit: int = 100_000
+                            ) -> list[UsageRecord]:
+        """Take the lease of pending look-ups nobody holds (or whose holder let it run out).
+
+        One transaction: SQLite serialises it; PostgreSQL locks the rows it claims and
+        skips rows another instance is claiming, so each record goes to one instance.
+        """
+        sql = ("SELECT * FROM usage_records WHERE settle_status = ? AND (lease_until IS NULL OR lease_until < ?)"
+               " ORDER BY next_attempt_at LIMIT ?")
+        if self._db.dialect == "postgres":
+            sql += " FOR UPDATE SKIP LOCKED"
+        async with self._db.transaction() as tx:
+            rows = await tx.fetchall(sql, (PENDING, now_iso, limit))
+            if rows:
+                await tx.executemany("UPDATE usage_records SET lease_owner = ?, lease_until = ? WHERE generation_id = ?",
+                                     [(owner, until_iso, row["generation_id"]) for row in rows])
+        claimed = [UsageRecord.from_row(r) for r in rows]
+        for record in claimed:
+            record.lease_owner, record.lease_until = owner, until_iso
+        return claimed
+
+    async def renew_leases(self, owner: str, until_iso: str) -> int:
+        return await self._db.execute("UPDATE usage_records SET lease_until = ? WHERE lease_owner = ? AND settle_status = ?",
+                                      (until_iso, owner, PENDING))
+
+    async def release_leases(self, owner: str) -> int:
+        """At a graceful shutdown: the next instance to start resumes these at once."""
+        return await self._db.execute(
+            "UPDATE usage_records SET lease_owner = NULL, lease_until = NULL WHERE lease_owner = ? AND settle_status = ?",
+            (owner, PENDING))
+
+    async def spend_since(self, since_iso: str, *, user_id: str | None = None, until_iso: str | None = None
+                          ) -> dict[str, Decimal]:
         """Per user, the sum of `total_cost` (provider cost + markup; provisional while unsettled)
-        of records created at or after `since_iso`. Exact: summed in Decimal, not SQL."""
+        of records created at or after `since_iso` (and before `until_iso`). Exact: summed in Decimal, not SQL."""
         sql = "SELECT user_id, total_cost FROM usage_records WHERE created_at >= ?"
         params: list[Any] = [since_iso]
+        if until_iso is not None:
+            sql += " AND created_at < ?"
+            params.append(until_iso)
         if user_id is not None:
             sql += " AND user_id = ?"
             params.append(user_id)

@@ -3,7 +3,11 @@
 `Transport` is the seam: production uses aiohttp (measured fastest under concurrency,
 see README "Design notes"), tests hand in `HttpxTransport` over respx or any fake that
 implements `send`. Retries happen only before a response is handed to the caller, so
-never after a byte reached the client.
+never after a byte reached the client, and a POST (a generation: billed) is retried only
+when it provably never reached the upstream (`UpstreamConnectionError.sent` is False):
+connection refused, a connect timeout, a pooled connection found closed before the
+request was written. A read timeout or a disconnect after sending may have left a
+generation running upstream; sending again would make (and bill) a second one.
 """
 
 from __future__ import annotations
@@ -20,10 +24,44 @@ from typing import Any, AsyncIterator, Awaitable, Callable, Mapping, Protocol
 from gateway.core.money import dumps
 
 RETRYABLE_STATUSES = frozenset({429, 502, 503})
+# Methods whose repetition changes nothing upstream: any connection failure may be retried.
+IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
 
 
 class UpstreamConnectionError(Exception):
-    """The upstream could not be reached or stopped answering (connect/read timeout, reset)."""
+    """The upstream could not be reached or stopped answering (connect/read timeout, reset).
+
+    `sent`: the request may have reached the upstream (False only when it provably did
+    not); `timeout`: the upstream was reached but did not answer in time.
+    """
+
+    def __init__(self, message: str, *, sent: bool = True, timeout: bool = False) -> None:
+        super().__init__(message)
+        self.sent = sent
+        self.timeout = timeout
+
+
+def _aiohttp_error(exc: BaseException, where: str) -> UpstreamConnectionError:
+    """Classify an aiohttp failure: was the request provably never written?"""
+    import aiohttp
+
+    name = type(exc).__name__
+    if isinstance(exc, (aiohttp.ConnectionTimeoutError, aiohttp.ClientConnectorError)):
+        return UpstreamConnectionError(f"cannot reach upstream: {name}", sent=False)
+    if isinstance(exc, aiohttp.ClientConnectionResetError) and "closing transport" in str(exc):
+        # aiohttp refuses to write to a transport already closing: no byte went out.
+        return UpstreamConnectionError(f"pooled upstream connection was closed: {name}", sent=False)
+    timeout = isinstance(exc, asyncio.TimeoutError)
+    return UpstreamConnectionError(f"{where}: {name}", timeout=timeout)
+
+
+def _httpx_error(exc: BaseException, where: str) -> UpstreamConnectionError:
+    import httpx
+
+    name = type(exc).__name__
+    if isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)):
+        return UpstreamConnectionError(f"cannot reach upstream: {name}", sent=False)
+    return UpstreamConnectionError(f"{where}: {name}", timeout=isinstance(exc, httpx.TimeoutException))
 
 
 class UpstreamResponse(Protocol):
@@ -73,7 +111,7 @@ class _AiohttpResponse:
             async for chunk in self._resp.content.iter_any():
                 yield chunk
         except (TimeoutError, aiohttp.ClientError, ConnectionError) as exc:
-            raise UpstreamConnectionError(f"upstream connection broke mid-body: {type(exc).__name__}") from None
+            raise _aiohttp_error(exc, "upstream connection broke mid-body") from None
 
     async def read(self) -> bytes:
         import aiohttp
@@ -81,7 +119,7 @@ class _AiohttpResponse:
         try:
             return await self._resp.read()
         except (TimeoutError, aiohttp.ClientError, ConnectionError) as exc:
-            raise UpstreamConnectionError(f"upstream connection broke mid-body: {type(exc).__name__}") from None
+            raise _aiohttp_error(exc, "upstream connection broke mid-body") from None
 
     async def close(self) -> None:
         if not self._closed:
@@ -116,7 +154,7 @@ class AiohttpTransport:
         try:
             resp = await self._session.request(method, url, headers=headers, data=body, allow_redirects=False)
         except (TimeoutError, aiohttp.ClientError, ConnectionError) as exc:
-            raise UpstreamConnectionError(f"cannot reach upstream: {type(exc).__name__}") from None
+            raise _aiohttp_error(exc, "upstream did not answer") from None
         return _AiohttpResponse(resp)
 
     async def close(self) -> None:
@@ -144,7 +182,7 @@ class _HttpxResponse:
             async for chunk in self._resp.aiter_raw():
                 yield chunk
         except (httpx.TransportError, httpx.StreamClosed) as exc:
-            raise UpstreamConnectionError(f"upstream connection broke mid-body: {type(exc).__name__}") from None
+            raise _httpx_error(exc, "upstream connection broke mid-body") from None
 
     async def read(self) -> bytes:
         return b"".join([chunk async for chunk in self.chunks()])
@@ -181,7 +219,7 @@ class HttpxTransport:
         try:
             resp = await self._client.send(request, stream=True)
         except httpx.TransportError as exc:
-            raise UpstreamConnectionError(f"cannot reach upstream: {type(exc).__name__}") from None
+            raise _httpx_error(exc, "upstream did not answer") from None
         return _HttpxResponse(resp)
 
     async def close(self) -> None:
@@ -268,7 +306,8 @@ class UpstreamClient:
         headers: Mapping[str, str] | None = None,
         retries: int | None = None,
     ) -> UpstreamResponse:
-        """Send and return once the status and headers are in; retries connection errors, 429, 502, 503."""
+        """Send and return once the status and headers are in; retries 429, 502, 503 and the
+        connection errors that cannot have made anything happen upstream (see the module doc)."""
         retries = self.retries if retries is None else retries
         url = self.base_url + path
         merged = {**self.default_headers, **(headers or {})}
@@ -278,8 +317,8 @@ class UpstreamClient:
         while True:
             try:
                 response = await self.transport.send(method, url, merged, body)
-            except UpstreamConnectionError:
-                if attempt >= retries:
+            except UpstreamConnectionError as exc:
+                if attempt >= retries or (exc.sent and method not in IDEMPOTENT_METHODS):
                     raise
                 await self._sleep(self.delay(attempt) or 0.0)
                 attempt += 1

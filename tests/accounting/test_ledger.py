@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -412,9 +413,10 @@ async def test_no_key_after_restart_leaves_the_provisional_cost(store: Store) ->
     clock = FakeClock(T0)
     first = make_ledger(store, clock, FakeUpstream())
     proxied(first, principal(), proxy_request(), observation("gen-k", "0.2"))
-    await first.flush()
+    await first.flush()  # then the first instance dies: its lease runs out
+    clock.now += first.settler.lease_s + 1
     second = make_ledger(store, clock, FakeUpstream(), keys={})
-    await second.settler.resume(store)
+    assert await second.settler.resume(store) == 1
     clock.now += 5
     await second.settler.settle_due()
     await second.flush()
@@ -484,3 +486,60 @@ def test_generation_from_the_record_alone_satisfies_the_sdk_schema() -> None:
     data = {k: (float(v) if isinstance(v, Decimal) else v) for k, v in stats_from_record(record).items()}
     GenerationResponse.model_validate({"data": data})
     assert orjson.loads(orjson.dumps(data))["total_cost"] == pytest.approx(0.0000021)
+
+
+@pytest.mark.anyio
+async def test_the_run_loop_sleeps_while_every_slot_is_busy(store: Store) -> None:
+    """A due backlog behind busy slots waits for a slot, it does not spin (issue 14)."""
+    import time as _time
+
+    gate = asyncio.Event()
+
+    class Blocking:
+        async def call(self, *args: Any, **kwargs: Any) -> tuple[int, Any]:
+            await gate.wait()
+            return 404, None
+
+    cfg = config()
+    settler = Settler(Blocking(), cfg.accounting.generation_lookup,  # type: ignore[arg-type]
+                      key_for=lambda user: asyncio.sleep(0, "k"), clock=_time.time, concurrency=2)
+    Ledger(store, cfg, settler=settler, clock=_time.time)
+    for n in range(10):
+        record = record_of(principal(), proxy_request(request_id=f"r{n}"), observation(f"gen-{n}"), free=False,
+                           first_lookup_at=_time.time())
+        settler.schedule(record, key="k", due=_time.time() - 1)
+    calls = 0
+    start_due = settler.start_due
+
+    def counting() -> list[asyncio.Task[None]]:
+        nonlocal calls
+        calls += 1
+        return start_due()
+
+    settler.start_due = counting  # type: ignore[method-assign]
+    runner = asyncio.create_task(settler.run())
+    await asyncio.sleep(0.3)  # a window to count the loop's turns in, not a wait for a condition
+    runner.cancel()
+    gate.set()
+    await settler.stop()
+    assert calls <= 3, f"the run loop went round {calls} times in 0.3 s with every slot busy"
+
+
+@pytest.mark.anyio
+async def test_pending_lookups_are_leased_to_one_instance(store: Store) -> None:
+    """Two instances on one database: a held look-up is claimed by nobody else until its lease runs out."""
+    clock = FakeClock()
+    first = make_ledger(store, clock, FakeUpstream(default=404))
+    proxied(first, principal(), proxy_request(), observation("gen-l", "0.2"))
+    await first.flush()
+    second = make_ledger(store, clock, FakeUpstream(), keys={"usr_a": "k"})
+    third = make_ledger(store, clock, FakeUpstream(), keys={"usr_a": "k"})
+    assert await second.settler.resume(store) == 0  # the first instance holds it
+    clock.now += first.settler.lease_s - 1
+    await store.usage.renew_leases(first.settler.owner, first.settler.lease_until())
+    clock.now += 2
+    assert await second.settler.resume(store) == 0  # renewed: still held
+    clock.now += first.settler.lease_s + 1  # the first instance died: its lease ran out
+    assert [await second.settler.resume(store), await third.settler.resume(store)] == [1, 0]
+    stored = await store.usage.get("gen-l")
+    assert stored is not None and stored.lease_owner == second.settler.owner

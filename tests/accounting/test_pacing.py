@@ -55,3 +55,19 @@ async def test_a_saturated_process_gets_the_floor_rate_and_catches_up_after() ->
     for _ in range(50):
         await pacer.acquire()
     assert clocks.wall == before
+
+
+def test_busy_without_traffic_is_not_saturated() -> None:
+    """The look-ups' own CPU must not throttle them once requests stop (issue 14)."""
+    clocks = Clocks()
+    served = [0]
+    meter = CpuMeter(cpu_clock=lambda: clocks.cpu, wall_clock=lambda: clocks.wall,
+                     activity=lambda: served[0], traffic_window_s=1.0)
+    pacer = Pacer(meter, busy_share=0.6, clock=lambda: clocks.wall)
+    served[0] = 5
+    clocks.wall, clocks.cpu = 0.1, 0.09
+    meter.sample()
+    assert pacer.saturated()  # busy while requests are being served
+    clocks.wall, clocks.cpu = 1.5, 1.4  # still busy, but no request for 1.4 s: the background work itself
+    meter.sample()
+    assert meter.share > 0.9 and not pacer.saturated()

@@ -441,7 +441,7 @@ async def test_retryable_statuses_are_retried_before_anything_reaches_the_client
 
 @pytest.mark.anyio
 async def test_unreachable_upstream_is_a_502_without_secrets():
-    harness = Harness(*(UpstreamConnectionError("cannot reach upstream: ClientConnectorError"),) * 3)
+    harness = Harness(*(UpstreamConnectionError("cannot reach upstream: ClientConnectorError", sent=False),) * 3)
     client = await harness.request()
     assert client.status == 502 and "OpenRouter could not be reached" in client.error()["message"]
     assert USER_KEY not in client.body.decode() and TOKEN not in client.body.decode()
@@ -450,11 +450,21 @@ async def test_unreachable_upstream_is_a_502_without_secrets():
 
 
 @pytest.mark.anyio
+@pytest.mark.parametrize("timeout", [True, False])
+async def test_a_request_that_may_have_reached_the_upstream_is_not_sent_again(timeout):
+    harness = Harness(UpstreamConnectionError("upstream did not answer: X", timeout=timeout), ok())
+    client = await harness.request()
+    assert client.status == (504 if timeout else 502)
+    assert "the generation may still have run" in client.error()["message"]
+    assert len(harness.transport.sent) == 1 and harness.sleeps == []
+
+
+@pytest.mark.anyio
 async def test_body_breaking_off_is_a_502():
     broken = FakeResponse(200, [("content-type", "application/json")], [b'{"id":', UpstreamConnectionError("reset")])
     harness = Harness(broken)
     client = await harness.request()
-    assert client.status == 502 and "broke off" in client.error()["message"] and broken.closed == 1
+    assert client.status == 502 and "may still have run" in client.error()["message"] and broken.closed == 1
 
 
 # ---------------------------------------------------------------- streams

@@ -305,3 +305,44 @@ async def test_transaction_rolls_back_as_a_whole(store: Store) -> None:
             )
             raise RuntimeError("boom")
     assert await store.state.get("x") is None
+
+
+@pytest.mark.anyio
+async def test_sqlite_transaction_cancelled_while_waiting_for_the_lock_leaves_no_orphan(tmp_path: Path) -> None:
+    """Two workers on one file: a flush cancelled in BEGIN IMMEDIATE must not poison the next (issue 14)."""
+    from gateway.store.sqlite import SqliteDatabase
+
+    path = str(tmp_path / "two-workers.db")
+    first, second = await SqliteDatabase.open(path), await SqliteDatabase.open(path)
+    try:
+        await first.execute("CREATE TABLE t (n INTEGER)")
+        holding = asyncio.Event()
+        release = asyncio.Event()
+
+        async def hold_the_write_lock() -> None:
+            async with first.transaction() as tx:
+                await tx.execute("INSERT INTO t VALUES (1)")
+                holding.set()
+                await release.wait()
+
+        holder = asyncio.create_task(hold_the_write_lock())
+        await holding.wait()
+
+        async def flush() -> None:
+            async with second.transaction() as tx:
+                await tx.execute("INSERT INTO t VALUES (2)")
+
+        waiting = asyncio.create_task(flush())
+        await asyncio.sleep(0.2)  # second's BEGIN IMMEDIATE is now blocked in SQLite's busy wait
+        waiting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        release.set()
+        await holder
+        await flush()  # formerly: "cannot start a transaction within a transaction"
+        await second.execute("INSERT INTO t VALUES (3)")
+        rows = await first.fetchall("SELECT n FROM t ORDER BY n")
+        assert [r["n"] for r in rows] == [1, 2, 3]
+    finally:
+        await first.close()
+        await second.close()

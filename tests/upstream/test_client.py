@@ -68,12 +68,12 @@ async def chat(client: UpstreamClient, **options: Any):
 
 
 @pytest.mark.anyio
-@pytest.mark.parametrize("failure", [429, 502, 503, "connect", "read-timeout"])
+@pytest.mark.parametrize("failure", [429, 502, 503, "connect", "connect-timeout"])
 async def test_retryable_failures_are_retried_until_success(make, router, sleeps, failure):
     if failure == "connect":
         first: Any = httpx.ConnectError("connection refused")
-    elif failure == "read-timeout":
-        first = httpx.ReadTimeout("no headers in time")
+    elif failure == "connect-timeout":
+        first = httpx.ConnectTimeout("no connection in time")
     else:
         first = httpx.Response(failure, json={"error": {"code": failure, "message": "busy"}})
     route = router.post("/chat/completions").mock(side_effect=[first, first, httpx.Response(200, json=OK)])
@@ -81,6 +81,29 @@ async def test_retryable_failures_are_retried_until_success(make, router, sleeps
     assert response.status == 200 and parse_json(await response.read()) == OK
     assert route.call_count == 3 and sleeps == [1.0, 2.0]
     await response.close()
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("failure", [
+    httpx.ReadTimeout("no headers in time"),
+    httpx.ReadError("connection reset after sending"),
+    httpx.RemoteProtocolError("server disconnected without a response"),
+    httpx.WriteError("broken pipe while writing"),
+])
+async def test_a_post_that_may_have_reached_the_upstream_is_never_sent_again(make, router, sleeps, failure):
+    """A generation is billed: after the request may have been sent, no retry (SPEC §3)."""
+    route = router.post("/chat/completions").mock(side_effect=[failure, httpx.Response(200, json=OK)])
+    with pytest.raises(UpstreamConnectionError) as raised:
+        await chat(make(retries=3))
+    assert route.call_count == 1 and sleeps == []
+    assert raised.value.sent and raised.value.timeout == isinstance(failure, httpx.TimeoutException)
+
+
+@pytest.mark.anyio
+async def test_an_idempotent_get_is_retried_after_a_read_timeout(make, router, sleeps):
+    route = router.get("/generation").mock(side_effect=[httpx.ReadTimeout("slow"), httpx.Response(200, json=OK)])
+    status, body = await make().call("GET", "/generation", key=KEY)
+    assert status == 200 and body == OK and route.call_count == 2 and sleeps == [1.0]
 
 
 @pytest.mark.anyio

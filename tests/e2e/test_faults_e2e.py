@@ -1,0 +1,353 @@
+"""Money and availability when things fail (issue 14), with real processes.
+
+A real `gateway serve` in front of the real emulator (its failure injection) or of a
+socket that never answers; a Redis the test starts, kills with -9 and restarts; SIGTERM
+and kill -9 sent to the gateway. Each test asserts what the ledger and the client see.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from typing import Any, Iterator
+
+import pytest
+from tests.conftest import Emulator, free_port, start_gateway
+
+CHAT = {"model": "openai/gpt-4o-mini", "messages": [{"role": "user", "content": "Say hello, please!"}]}
+UNLIMITED = {name: {"markup_pct": "0"} for name in ("trial", "starter", "professional", "enterprise")}
+
+
+def poll(condition: Any, timeout: float = 10.0, every: float = 0.02) -> Any:
+    """Wait for `condition()` to be truthy (returned), failing at the deadline."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s")
+        time.sleep(every)
+
+
+class SilentUpstream:
+    """A TCP server that reads requests and never answers: counts the POSTs it received."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.port = self.sock.getsockname()[1]
+        self.posts = 0
+        self.connections: list[socket.socket] = []
+        self._lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.connections.append(conn)
+            threading.Thread(target=self._read, args=(conn,), daemon=True).start()
+
+    def _read(self, conn: socket.socket) -> None:
+        while True:
+            try:
+                data = conn.recv(65536)
+            except OSError:
+                return
+            if not data:
+                return
+            with self._lock:
+                self.posts += data.count(b"POST /")
+
+    def close(self) -> None:
+        self.sock.close()
+        for conn in self.connections:
+            conn.close()
+
+
+# ---------------------------------------------------------------- (2) never a generation made twice
+
+
+@pytest.fixture(scope="module")
+def slow_gw(emulator: Emulator, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """Retries on (3 of them, fast) and a 1 s read timeout: the emulator is told to take 2 s."""
+    gw = start_gateway(tmp_path_factory.mktemp("faults-slow"), emulator, {
+        "upstream": {"retries": 3, "backoff_base_s": 0.01, "backoff_max_s": 0.05, "read_timeout_s": 1},
+        "tiers": UNLIMITED,
+    })
+    yield gw
+    gw.stop()
+
+
+def test_a_read_timeout_after_sending_makes_one_generation_and_says_so(slow_gw, emulator):
+    account = slow_gw.create_user(tier="starter", key=emulator.new_key())
+    before = emulator.stats()
+    emulator.control("delay", {"path": "/chat/completions", "delay_ms": 2000, "times": 1})
+    with slow_gw.client(account["token"]) as client:
+        response = client.post("/v1/chat/completions", json=CHAT)
+    assert response.status_code == 504, response.text
+    assert "generation may still have run" in response.json()["error"]["message"]
+    # the delayed request still completes upstream: exactly one generation, never a second
+    poll(lambda: emulator.stats()["generations"] > before["generations"], timeout=5)
+    after = emulator.stats()
+    assert after["requests"].get("/chat/completions", 0) - before["requests"].get("/chat/completions", 0) == 1
+    assert after["generations"] - before["generations"] == 1
+
+
+def user_on_another_upstream(tmp, emulator: Emulator, base_url: str) -> tuple[Any, dict[str, Any]]:
+    """A user with a verified key (set through the emulator), then the gateway restarted on `base_url`."""
+    gw = start_gateway(tmp, emulator, {"tiers": UNLIMITED})
+    account = gw.create_user(tier="starter", key=emulator.new_key())
+    gw.stop()
+    gw = start_gateway(tmp, emulator, {
+        "upstream": {"base_url": base_url, "retries": 3, "backoff_base_s": 0.01, "backoff_max_s": 0.05,
+                     "read_timeout_s": 1},
+        "tiers": UNLIMITED,
+    })
+    return gw, account
+
+
+def test_an_upstream_that_never_answers_gets_one_post(tmp_path, emulator):
+    silent = SilentUpstream()
+    try:
+        gw, account = user_on_another_upstream(tmp_path, emulator, f"http://127.0.0.1:{silent.port}/api/v1")
+        try:
+            with gw.client(account["token"]) as client:
+                response = client.post("/v1/chat/completions", json=CHAT)
+        finally:
+            gw.stop()
+    finally:
+        silent.close()
+    assert response.status_code == 504, response.text
+    assert "generation may still have run" in response.json()["error"]["message"]
+    assert silent.posts == 1
+
+
+def test_connection_refused_is_a_502_saying_nothing_was_sent(tmp_path, emulator):
+    gw, account = user_on_another_upstream(tmp_path, emulator, f"http://127.0.0.1:{free_port()}/api/v1")
+    try:
+        with gw.client(account["token"]) as client:
+            response = client.post("/v1/chat/completions", json=CHAT)
+    finally:
+        gw.stop()
+    assert response.status_code == 502, response.text
+    assert "nothing was sent" in response.json()["error"]["message"]
+
+
+# ---------------------------------------------------------------- (4) settlement keeps up, then rests
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process, from /proc (Linux)."""
+    import os
+
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def sqlite_rows(db: Any, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    import sqlite3
+
+    conn = sqlite3.connect(db, timeout=10)
+    try:
+        with conn:
+            return list(conn.execute(sql, params))
+    finally:
+        conn.close()
+
+
+BACKLOG = 1200  # the full 16,000 burst is `make soak`; this is its shape at suite scale
+
+
+def test_a_backlog_drains_fast_on_one_instance_then_the_process_rests(tmp_path, emulator):
+    import concurrent.futures
+
+    from gateway.core.clock import iso
+
+    held = {"accounting": {"flush_interval_ms": 200, "generation_lookup": {"first_delay_s": 3600}},
+            "tiers": UNLIMITED}
+    gw = start_gateway(tmp_path, emulator, held)
+    account = gw.create_user(tier="starter", key=emulator.new_key())
+
+    def burst(n: int) -> int:
+        with gw.client(account["token"]) as client:
+            return sum(client.post("/v1/chat/completions", json=CHAT).status_code == 200 for _ in range(n))
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        assert sum(pool.map(burst, [BACKLOG // 8] * 8)) == BACKLOG
+    assert gw.stop() == 0
+    db = tmp_path / "gateway.db"
+    assert sqlite_rows(db, "SELECT COUNT(*) FROM usage_records WHERE settle_status = 'pending'"
+                           " AND lease_owner IS NULL") == [(BACKLOG,)]  # released at the graceful stop
+    sqlite_rows(db, "UPDATE usage_records SET next_attempt_at = ?", (iso(time.time()),))  # all due now
+
+    lookups_before = emulator.stats()["generation_lookups"]
+    started = time.monotonic()
+    first = start_gateway(tmp_path, emulator, {"tiers": UNLIMITED})
+    second = start_gateway(tmp_path, emulator, {"tiers": UNLIMITED})  # same database: claims nothing held
+    try:
+        poll(lambda: sqlite_rows(db, "SELECT COUNT(*) FROM usage_records WHERE settle_status = 'settled'")
+             == [(BACKLOG,)], timeout=30, every=0.05)
+        elapsed = time.monotonic() - started
+        rate = BACKLOG / elapsed
+        # each pending look-up resumed by one instance only: one look-up per generation
+        assert emulator.stats()["generation_lookups"] - lookups_before == BACKLOG
+        # idle: the settled process (and the one with nothing) use next to no CPU
+        time.sleep(0.5)  # let the last flush and metrics sampling finish before measuring
+        cpu = [cpu_seconds(p.process.pid) for p in (first, second)]
+        wall = time.monotonic()
+        time.sleep(2.0)  # the measured idle interval itself (not waiting for a condition)
+        idle = [(cpu_seconds(p.process.pid) - c) / (time.monotonic() - wall) for p, c in zip((first, second), cpu)]
+    finally:
+        codes = [first.stop(), second.stop()]
+    print(f"\nbacklog of {BACKLOG} settled at {rate:.0f} look-ups/s (incl. start-up); idle CPU {idle}")
+    assert rate >= 150, f"settled only {rate:.0f}/s"
+    assert max(idle) < 0.05, f"idle CPU share {idle}"
+    assert codes == [0, 0]
+
+
+# ---------------------------------------------------------------- (1) Redis losing its data never loses spend
+
+
+class OwnRedis:
+    """A redis-server of this test's own (no persistence), to kill -9 and restart: never the shared one."""
+
+    def __init__(self, tmp: Any) -> None:
+        import os
+        import shutil
+
+        binary = shutil.which("redis-server")
+        if binary is None:
+            if os.environ.get("CI") == "true":
+                pytest.fail("CI=true and redis-server is not installed")
+            pytest.skip("SKIPPED LOUDLY: redis-server is not installed; the Redis crash tests need their own")
+        self.binary, self.tmp, self.port = binary, tmp, free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.process: Any = None
+        self.start()
+
+    def start(self) -> None:
+        import subprocess
+
+        import redis
+
+        self.process = subprocess.Popen(
+            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+             "--dir", str(self.tmp)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+        def answers() -> bool:
+            try:
+                return bool(redis.Redis(port=self.port, socket_timeout=0.5).ping())
+            except redis.RedisError:
+                return False
+
+        poll(answers, timeout=10)
+
+    def kill(self) -> None:
+        import signal
+
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(10)
+
+    def close(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.kill()
+
+
+def emulator_cost(emulator: Emulator) -> Any:
+    """What one CHAT request costs at the emulator (deterministic for the same prompt)."""
+    from decimal import Decimal
+
+    import httpx
+
+    response = httpx.post(f"{emulator.base_url}/chat/completions", json=CHAT, timeout=10,
+                          headers={"Authorization": f"Bearer {emulator.new_key()}"})
+    return Decimal(str(response.json()["usage"]["cost"]))
+
+
+def test_redis_restarting_empty_never_loses_spend_on_two_instances(tmp_path, emulator):
+    from decimal import Decimal
+
+    redis_server = OwnRedis(tmp_path)
+    cost = emulator_cost(emulator)
+    budget = cost * Decimal("4.5")  # five requests are admitted (spend 0, 1, 2, 3, 4 × cost < budget), not six
+    settings = {
+        "redis": {"url": redis_server.url},
+        "accounting": {"flush_interval_ms": 50},
+        "tiers": {**UNLIMITED, "starter": {"markup_pct": "0", "monthly_budget_usd": str(budget)}},
+    }
+    gws: list[Any] = []
+    try:
+        gws = [start_gateway(tmp_path, emulator, settings), start_gateway(tmp_path, emulator, settings)]
+        account = gws[0].create_user(tier="starter", key=emulator.new_key())
+        clients = [gw.client(account["token"]) for gw in gws]
+        statuses = [clients[n % 2].post("/v1/chat/completions", json=CHAT).status_code for n in range(4)]
+        assert statuses == [200] * 4
+        db = tmp_path / "gateway.db"
+        poll(lambda: sqlite_rows(db, "SELECT COUNT(*) FROM usage_records") == [(4,)])
+
+        redis_server.kill()
+        # Redis down: refused with a clear 503 naming it, and not ready
+        down = clients[0].post("/v1/chat/completions", json=CHAT)
+        assert down.status_code == 503 and "shared counter store" in down.json()["error"]["message"]
+        ready = gws[1].admin.get("/health/ready")
+        assert ready.status_code == 503 and ready.json()["checks"]["redis"].startswith("error")
+
+        redis_server.start()  # empty: every counter and every pooled connection is gone
+        statuses = [clients[n % 2].post("/v1/chat/completions", json=CHAT) for n in range(8)]
+        codes = [r.status_code for r in statuses]
+        assert 503 not in codes, [r.text for r in statuses if r.status_code == 503]  # dead pooled connections retried
+        admitted = 4 + codes.count(200)
+        print(f"\nadmitted {admitted} of the 5 the budget allows across a Redis crash on two instances")
+        assert codes == [200] + [402] * 7 and admitted == 5
+        assert all(gw.admin.get("/health/ready").json()["checks"]["redis"] == "ok" for gw in gws)
+        for client in clients:
+            client.close()
+        poll(lambda: sqlite_rows(db, "SELECT COUNT(*) FROM usage_records") == [(5,)])
+        spent = sqlite_rows(db, "SELECT total_cost FROM usage_records")
+        assert sum(Decimal(r[0]) for r in spent) <= budget + cost
+    finally:
+        for gw in gws:
+            gw.stop()
+        redis_server.close()
+
+
+# ---------------------------------------------------------------- (7) the master key is never replaced
+
+
+def test_a_missing_or_wrong_master_key_is_refused_never_replaced(tmp_path, emulator):
+    import subprocess
+    import sys
+
+    from cryptography.fernet import Fernet
+
+    gw = start_gateway(tmp_path, emulator, {"tiers": UNLIMITED})
+    gw.create_user(tier="starter", key=emulator.new_key())
+    gw.stop()
+    key_file = tmp_path / "master.key"
+    original = key_file.read_text()
+
+    def gateway(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "gateway", "--config", str(gw.config_file), *args],
+                              cwd=tmp_path, env=gw.env, capture_output=True, text=True, timeout=60)
+
+    key_file.unlink()
+    for args in (("serve", "--port", str(free_port())), ("users", "list"), ("keys", "rotate-master")):
+        result = gateway(*args)
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 2 and len(lines) == 1, (args, result.stderr)
+        assert "master key file" in lines[0] and "missing" in lines[0] and "Traceback" not in result.stderr
+        assert not key_file.exists()  # nothing written behind the operator's back
+    print(f"\nmissing master key: {lines[0]}")
+
+    key_file.write_text(Fernet.generate_key().decode() + "\n")  # the wrong key
+    result = gateway("serve", "--port", str(free_port()))
+    assert result.returncode == 2 and "cannot decrypt" in result.stderr and "Traceback" not in result.stderr
+
+    key_file.write_text(original)  # the right one: works again
+    assert gateway("users", "list").returncode == 0
