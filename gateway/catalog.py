@@ -291,7 +291,7 @@ class UpstreamViews:
     async def _fetch(self, name: str, path: str, key: str, found: bool) -> Any:
         try:
             status, body = await asyncio.wait_for(self._upstream.call("GET", path, key=key), self._fetch_timeout_s)
-        except (UpstreamConnectionError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, UpstreamConnectionError) as exc:
             raise CatalogUnavailable(f"OpenRouter could not be reached for {path.split('?')[0]}: "
                                      f"{exc or type(exc).__name__}") from None
         if status == 404 and not found:

@@ -9,7 +9,6 @@ from gateway.security.vault import Vault, mask_key
 from gateway.store import Store
 from gateway.upstream.client import UpstreamClient, UpstreamConnectionError
 
-
 MIN_KEY_CHARS = 20
 
 

@@ -19,8 +19,8 @@ from starlette.routing import BaseRoute
 from gateway.api.common import gateway_of, json_response, mirrored, principal_of
 from gateway.catalog import MAX_PAGE_SIZE, CatalogUnavailable, Snapshot, page
 from gateway.core.clock import iso
-from gateway.proxy.endpoint import NO_KEY_MESSAGE
 from gateway.core.errors import BadGateway, BadRequest, NotFound, PaymentRequired, ServiceUnavailable
+from gateway.proxy.endpoint import NO_KEY_MESSAGE
 
 
 def _paging_param(request: Request, name: str, low: int, high: int) -> int | None:

@@ -74,10 +74,9 @@ MANAGED_ACTIONS = ("provision", "rotate", "disable", "enable", "delete")
 async def _managed(args: argparse.Namespace, store: Any, vault: Any, upstream: Any, *, config: Config) -> Any:
     """The admin API's managed-key operations; running gateways learn of them through the change feed."""
     from gateway.accounts.provisioning import MISSING, Provisioner
+    from gateway.cli.common import CliError
     from gateway.security.secret_files import management_key
     from gateway.upstream.key_api import KeyApi
-
-    from gateway.cli.common import CliError
 
     key = management_key(config.upstream)
     if key is None and args.action != "delete":

@@ -175,7 +175,8 @@ def read_response(response: dict[str, Any], obs: Observation) -> None:
     if status == "incomplete":
         details = response.get("incomplete_details")
         reason = details.get("reason") if isinstance(details, dict) else None
-        obs.finish_reason = _INCOMPLETE_FINISH.get(reason, reason if isinstance(reason, str) else "incomplete")
+        reason = reason if isinstance(reason, str) and reason else "incomplete"
+        obs.finish_reason = _INCOMPLETE_FINISH.get(reason, reason)
     elif isinstance(status, str) and status in _RESPONSE_FINISH:
         obs.finish_reason = _RESPONSE_FINISH[status]
     if isinstance(response.get("error"), dict):

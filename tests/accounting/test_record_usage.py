@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from gateway.accounting.record import usage_tokens
+from gateway.accounting.pricing import usage_tokens
 
 
 def test_chat_usage() -> None:

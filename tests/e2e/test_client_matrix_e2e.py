@@ -22,7 +22,7 @@ from typing import Any
 
 import orjson
 import pytest
-from conftest import ROOT, GatewayProcess
+from tests.conftest import ROOT, GatewayProcess
 
 pytestmark = pytest.mark.filterwarnings("ignore:Item .* is using the `ReadOnly` qualifier:UserWarning")  # LiteLLM's
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # LiteLLM would fetch its price list at import

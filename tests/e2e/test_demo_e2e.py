@@ -16,7 +16,7 @@ from pathlib import Path
 
 import httpx
 import orjson
-from conftest import ROOT, free_port, stop_process
+from tests.conftest import ROOT, free_port, stop_process
 
 
 def clean_env() -> dict[str, str]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import httpx
 import pytest
-from conftest import Emulator, GatewayProcess
+from tests.conftest import Emulator, GatewayProcess
 from openrouter import OpenRouter
 from openrouter import errors as or_errors
 

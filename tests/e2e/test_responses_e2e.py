@@ -16,7 +16,7 @@ from typing import Any, Callable
 import httpx
 import openai
 import pytest
-from conftest import Emulator, GatewayProcess
+from tests.conftest import Emulator, GatewayProcess
 
 MODEL = "openai/gpt-4o-mini"
 
