@@ -109,8 +109,9 @@ def test_missing_master_key_is_one_line_naming_the_file(home: Path) -> None:
     one_line(result, 1, str(home / "master.key"), "security.master_key_file", "gateway init")
 
 
-def test_unreachable_database_is_one_line_without_its_password(home: Path) -> None:
+@pytest.mark.parametrize("command", [["users", "list"], ["usage", "report"], ["sync-credits"]])
+def test_unreachable_database_is_one_line_without_its_password(home: Path, command: list[str]) -> None:
     env = {"GATEWAY_DATABASE__URL": "postgresql://gateway:hunter2@127.0.0.1:9/gateway"}
-    line = one_line(gateway(home, "users", "list", env=env), 1, "postgresql://gateway:***@127.0.0.1:9/gateway",
+    line = one_line(gateway(home, *command, env=env), 1, "postgresql://gateway:***@127.0.0.1:9/gateway",
                     "database.url")
     assert "hunter2" not in line
