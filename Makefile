@@ -1,4 +1,5 @@
 # The two set-up commands: `make run` and `make test`. See README.md.
+# `make run PORT=9000`, `make demo PORT=9000 DEMO_PORT=9001` choose the ports.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -22,11 +23,14 @@ $(TEST_STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet -e '.[test]'
 	touch $@ $(STAMP)
 
+PORT ?=
+DEMO_PORT ?=
+
 run: $(STAMP)
-	$(BIN)/gateway serve
+	$(BIN)/gateway serve $(if $(PORT),--port $(PORT))
 
 demo: $(STAMP)
-	$(BIN)/gateway serve --demo
+	$(BIN)/gateway serve --demo $(if $(PORT),--port $(PORT)) $(if $(DEMO_PORT),--demo-port $(DEMO_PORT))
 
 init: $(STAMP)
 	$(BIN)/gateway init

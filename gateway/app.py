@@ -48,7 +48,7 @@ from gateway.store import Store
 from gateway.upstream.client import Transport, UpstreamClient, make_transport
 from gateway.upstream.key_api import KeyApi
 
-PROXY_ENDPOINTS = ("/chat/completions", "/completions", "/embeddings")
+PROXY_ENDPOINTS = ("/chat/completions", "/completions", "/embeddings", "/responses")
 API_ROUTES = [*ops.routes, *models.routes, *account.routes, *usage.routes, *limits.routes, *admin.routes,
               *admin_keys.routes]
 

@@ -16,10 +16,13 @@ clients (the Python SDK pages it on every `models.list()`) ask often. Guarantees
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from typing import Any
+
+from cachetools import TTLCache
 
 from gateway.core.clock import Clock, system_clock
 from gateway.upstream.client import UpstreamClient, UpstreamConnectionError
@@ -57,6 +60,13 @@ class Snapshot:
     error: str | None = None
     free: list[str] = field(default_factory=list)
     _views: dict[str, list[dict[str, Any]]] = field(default_factory=dict, compare=False, repr=False)
+    _index: dict[str, dict[str, Any]] = field(default_factory=dict, compare=False, repr=False)
+
+    def model(self, model_id: str) -> dict[str, Any] | None:
+        """The row of one model id (`GET /model/{author}/{slug}`), indexed on first use."""
+        if not self._index and self.models:
+            self._index.update((m["id"], m) for m in self.models)
+        return self._index.get(model_id)
 
     def rows(self, output_modalities: str | None = None) -> list[dict[str, Any]]:
         """The models whose output modalities match (OpenRouter's filter: default `text`, `all` = every one)."""
@@ -148,6 +158,7 @@ class Catalog:
         self._retry_at = 0.0
         self._last_error = ""
         self.fetches = 0
+        self.views = UpstreamViews(upstream, ttl_s=ttl_s, clock=clock, fetch_timeout_s=fetch_timeout_s)
 
     @property
     def snapshot(self) -> Snapshot | None:
@@ -214,7 +225,7 @@ class Catalog:
         old = self._snapshot
         self.fresh_until = 0.0
         self._snapshot = Snapshot(old.models, old.prices, old.fetched_at, stale=True, error=error, free=old.free,
-                                  _views=old._views)
+                                  _views=old._views, _index=old._index)
         return self._snapshot
 
     def price(self, model: str | None) -> ModelPrice | None:
@@ -234,3 +245,59 @@ class Catalog:
         """A generation is free when the model that served it is, or the one asked for (a `:free` request
         routed to its paid twin is still free to the user)."""
         return self.is_free(served) or (requested != served and self.is_free(requested))
+
+
+USER_MODELS_PATH = "/models/user?output_modalities=all"
+MAX_VIEWS = 10_000  # cached per-key model lists and per-model endpoint lists, each
+
+
+class UpstreamViews:
+    """What only the upstream knows, TTL-cached like the catalogue: one fetch per key or model per TTL.
+
+    - `user_model_ids(key)`: the ids OpenRouter's `GET /models/user` lists for that key (its
+      account's provider preferences, privacy settings and guardrails applied); the rows
+      served are the cached catalogue's.
+    - `endpoints(author, slug)`: `GET /models/{author}/{slug}/endpoints` as OpenRouter answered it
+      (the same for everyone), or None when it has no such model.
+    Concurrent misses for one entry share a fetch; an upstream that cannot answer raises
+    CatalogUnavailable and nothing is cached.
+    """
+
+    def __init__(self, upstream: UpstreamClient, *, ttl_s: float, clock: Clock = system_clock,
+                 fetch_timeout_s: float = 30.0) -> None:
+        self._upstream = upstream
+        self._fetch_timeout_s = fetch_timeout_s
+        self._cache: TTLCache[str, Any] = TTLCache(MAX_VIEWS, max(ttl_s, 0.001), timer=clock)
+        self._fetching: dict[str, asyncio.Task[Any]] = {}
+
+    async def user_model_ids(self, key: str) -> frozenset[str]:
+        name = "user:" + hashlib.sha256(key.encode()).hexdigest()  # never the key itself as a dict key
+        body = await self._get(name, USER_MODELS_PATH, key, found=True)
+        return frozenset(m["id"] for m in body["data"] if isinstance(m, dict) and isinstance(m.get("id"), str))
+
+    async def endpoints(self, author: str, slug: str) -> dict[str, Any] | None:
+        body = await self._get(f"endpoints:{author}/{slug}", f"/models/{author}/{slug}/endpoints", "", found=False)
+        return body if isinstance(body, dict) and isinstance(body.get("data"), dict) else None
+
+    async def _get(self, name: str, path: str, key: str, *, found: bool) -> Any:
+        if name in self._cache:
+            return self._cache[name]
+        task = self._fetching.get(name)
+        if task is None:
+            task = self._fetching[name] = asyncio.create_task(self._fetch(name, path, key, found))
+            task.add_done_callback(lambda _: self._fetching.pop(name, None))
+        return await asyncio.shield(task)
+
+    async def _fetch(self, name: str, path: str, key: str, found: bool) -> Any:
+        try:
+            status, body = await asyncio.wait_for(self._upstream.call("GET", path, key=key), self._fetch_timeout_s)
+        except (TimeoutError, UpstreamConnectionError) as exc:
+            raise CatalogUnavailable(f"OpenRouter could not be reached for {path.split('?')[0]}: "
+                                     f"{exc or type(exc).__name__}") from None
+        if status == 404 and not found:
+            self._cache[name] = None
+            return None
+        if status != 200 or not isinstance(body, dict) or not isinstance(body.get("data"), (list, dict)):
+            raise CatalogUnavailable(f"OpenRouter answered HTTP {status} for {path.split('?')[0]}")
+        self._cache[name] = body
+        return body

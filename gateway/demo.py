@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 from gateway.accounts.byok import connect_byok
 from gateway.core.errors import GatewayError
@@ -11,7 +12,7 @@ from gateway.instance import Gateway
 DEMO_USER = "demo"
 
 
-async def prepare_demo(gateway: Gateway, host: str, port: int) -> str:
+async def prepare_demo(gateway: Gateway, host: str, port: int, *, database: Path | None = None) -> str:
     """Create (or reuse) the demo user, connect the emulator's key, mint a token, print how to call."""
     from openrouter_emulator.app import DEMO_KEY
 
@@ -32,5 +33,8 @@ async def prepare_demo(gateway: Gateway, host: str, port: int) -> str:
     )
     print("\nDemo ready: the gateway is in front of the local OpenRouter emulator. Try:\n", file=sys.stderr)
     print(curl, flush=True)
+    if database is not None:
+        print(f"\nThe demo keeps its own database, {database}. Its usage so far:\n"
+              f"  GATEWAY_DATABASE__URL=sqlite:///{database} .venv/bin/gateway usage report", file=sys.stderr)
     print("", file=sys.stderr, flush=True)
     return token

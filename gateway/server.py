@@ -6,7 +6,9 @@ import asyncio
 import gc
 import os
 import signal
+import socket
 import sys
+from pathlib import Path
 from types import FrameType
 from typing import Any
 
@@ -17,6 +19,7 @@ from gateway.core.logs import configure_logging
 from gateway.security.first_run import ensure_runtime
 
 DEMO_EMULATOR_PORT = 8090
+DEMO_DATABASE = "demo.db"  # in server.data_dir: the demo's user and emulator key stay out of `make run`'s database
 GRACEFUL_SHUTDOWN_S = 30
 
 
@@ -78,10 +81,13 @@ def serve(
     config = load_config(config_file)
     if demo:
         config = _demo_config(config, demo_port)
-    configure_logging(config.logging.level)
-    ensure_runtime(config, announce=lambda line: print(line, file=sys.stderr, flush=True))
     host = host or config.server.host
     port = config.server.port if port is None else port
+    _require_free_port(host, port, "the gateway", "--port PORT (make run/demo PORT=…) or server.port")
+    if demo:
+        _require_free_port("127.0.0.1", demo_port, "the demo's emulator", "--demo-port PORT (make demo DEMO_PORT=…)")
+    configure_logging(config.logging.level)
+    ensure_runtime(config, announce=lambda line: print(line, file=sys.stderr, flush=True))
     workers = workers or config.server.workers
     if workers > 1 and not demo:
         if config_file:
@@ -100,9 +106,29 @@ def serve_app(app: Any, host: str, port: int) -> None:
     asyncio.run(GracefulServer(_uvicorn_config(app, host, port)).serve())
 
 
+def _require_free_port(host: str, port: int, what: str, fix: str) -> None:
+    """Refuse in one line, before anything starts, when the port is taken (uvicorn would exit with a traceback)."""
+    if port == 0:
+        return
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: TIME_WAIT is no conflict
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            reason = "already in use" if exc.errno in (98, 48, 10048) else exc.strerror or str(exc)
+            raise SystemExit(f"gateway: port {port} on {host} for {what} is {reason}: choose another with {fix}")
+
+
 def _demo_config(config: Config, demo_port: int) -> Config:
+    """The emulator as upstream, and a database of the demo's own (`data/demo.db`)."""
     upstream = config.upstream.model_copy(update={"base_url": f"http://127.0.0.1:{demo_port}/api/v1"})
-    return config.model_copy(update={"upstream": upstream})
+    database = config.database.model_copy(update={"url": f"sqlite:///{demo_database(config)}"})
+    return config.model_copy(update={"upstream": upstream, "database": database})
+
+
+def demo_database(config: Config) -> Path:
+    return Path(config.server.data_dir) / DEMO_DATABASE
 
 
 async def _serve(config: Config, host: str, port: int, demo: bool, demo_port: int = DEMO_EMULATOR_PORT) -> None:
@@ -122,15 +148,25 @@ async def _serve(config: Config, host: str, port: int, demo: bool, demo_port: in
     while not emulator.started:
         await asyncio.sleep(0.05)
         if emulator_task.done():
-            raise SystemExit(f"gateway: the emulator could not start on port {demo_port} (choose another with --demo-port)")
+            _retrieve(emulator_task)
+            raise SystemExit(f"gateway: the demo's emulator could not start on port {demo_port}: choose another "
+                             "with --demo-port PORT (make demo DEMO_PORT=…)")
     server_task = asyncio.create_task(server.serve())
     while not server.started:
         await asyncio.sleep(0.05)
         if server_task.done():
+            _retrieve(server_task)
             emulator.should_exit = True
             await emulator_task
-            return
-    await prepare_demo(instance_of(app), host, port)
+            raise SystemExit(f"gateway: the gateway could not start on {host}:{port}: choose another port with "
+                             "--port PORT (make demo PORT=…)")
+    await prepare_demo(instance_of(app), host, port, database=demo_database(config))
     await server_task
     emulator.should_exit = True
     await emulator_task
+
+
+def _retrieve(task: "asyncio.Task[Any]") -> None:
+    """Take a finished task's exception so asyncio does not print it as never retrieved."""
+    if not task.cancelled():
+        task.exception()

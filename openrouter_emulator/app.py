@@ -34,6 +34,8 @@ from urllib.parse import parse_qs
 
 import orjson
 
+from openrouter_emulator import models as model_pages
+from openrouter_emulator import responses
 from openrouter_emulator.catalogue import dumps
 from openrouter_emulator.state import (
     EmulatorError,
@@ -177,7 +179,12 @@ class EmulatorApp:
             ("POST", "/chat/completions"): self.chat_completions,
             ("POST", "/completions"): self.text_completions,
             ("POST", "/embeddings"): self.embeddings,
+            ("POST", "/responses"): self.responses,
             ("GET", "/models"): self.models,
+            ("GET", "/models/count"): self.models_count,
+            ("GET", "/models/user"): self.user_models,
+            ("GET", "/model/{author}/{slug}"): self.model,
+            ("GET", "/models/{author}/{slug}/endpoints"): self.model_endpoints,
             ("GET", "/embeddings/models"): self.embedding_models,
             ("GET", "/generation"): self.generation,
             ("GET", "/key"): self.current_key,
@@ -248,7 +255,7 @@ class EmulatorApp:
             if failure.delay_ms:
                 await asyncio.sleep(failure.delay_ms / 1000)
             raise self._injected_error(failure)
-        route = path
+        route = model_pages.route_of(path)
         if path.startswith("/keys/") and path.count("/") == 2:
             route = "/keys/{hash}"
         handler = self.routes.get((request.method, route))
@@ -430,10 +437,15 @@ class EmulatorApp:
 
     # catalogue, generation, key, credits -------------------------------------
 
-    async def models(self, request: Request, *, modalities: str | None = None) -> Any:
+    async def responses(self, request: Request) -> Any:
+        return await responses.create_response(self, request)
+
+    async def models(self, request: Request, *, modalities: str | None = None,
+                     rows: list[dict[str, Any]] | None = None) -> Any:
         """Paging like OpenRouter: no params = everything; else limit 500 by default, at most 1000."""
         self.state.models_fetches += 1
-        rows = self.state.catalogue.rows(modalities or request.param("output_modalities"))
+        if rows is None:
+            rows = self.state.catalogue.rows(modalities or request.param("output_modalities"))
         offset = request.int_param("offset", None)
         limit = request.int_param("limit", None)
         next_link = None
@@ -442,7 +454,7 @@ class EmulatorApp:
                 raise EmulatorError(400, "limit must be between 1 and 1000")
             offset, limit = offset or 0, min(limit or 500, 1000)
             if offset + limit < len(rows):
-                next_link = f"{API_PREFIX}/models?offset={offset + limit}&limit={limit}"
+                next_link = f"{API_PREFIX}{request.path}?offset={offset + limit}&limit={limit}"
             page = rows[offset:offset + limit]
         else:
             page = rows
@@ -450,6 +462,20 @@ class EmulatorApp:
 
     async def embedding_models(self, request: Request) -> Any:
         return await self.models(request, modalities="embeddings")
+
+    async def models_count(self, request: Request) -> Any:
+        return 200, {"data": {"count": len(self.state.catalogue.rows(request.param("output_modalities")))}}, []
+
+    async def user_models(self, request: Request) -> Any:
+        self.state.authenticate(request.headers.get("authorization"), management=False)
+        rows = model_pages.user_rows(self.state.catalogue, request.param("output_modalities"))
+        return await self.models(request, rows=rows)
+
+    async def model(self, request: Request) -> Any:
+        return 200, {"data": model_pages.find(self.state.catalogue, request.path, endpoints=False).row}, []
+
+    async def model_endpoints(self, request: Request) -> Any:
+        return 200, model_pages.endpoints_payload(self.state.catalogue, request.path), []
 
     async def generation(self, request: Request) -> Any:
         key = self.state.authenticate(request.headers.get("authorization"), management=None)

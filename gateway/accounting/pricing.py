@@ -22,14 +22,21 @@ def _int(value: Any) -> int:
 
 
 def usage_tokens(usage: dict[str, Any] | None) -> tuple[int, int, int, int]:
-    """(prompt, completion, reasoning, cached) from an OpenAI/OpenRouter `usage` object."""
+    """(prompt, completion, reasoning, cached) from an OpenAI/OpenRouter `usage` object.
+
+    Chat and completions say `prompt_tokens`/`completion_tokens`; the Responses API says
+    `input_tokens`/`output_tokens` (details likewise renamed)."""
     if not usage:
         return 0, 0, 0, 0
-    prompt_details = usage.get("prompt_tokens_details")
-    completion_details = usage.get("completion_tokens_details")
+    if "prompt_tokens" in usage or "input_tokens" not in usage:
+        prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
+        prompt_details, completion_details = usage.get("prompt_tokens_details"), usage.get("completion_tokens_details")
+    else:
+        prompt, completion = usage.get("input_tokens"), usage.get("output_tokens")
+        prompt_details, completion_details = usage.get("input_tokens_details"), usage.get("output_tokens_details")
     cached = _int(prompt_details.get("cached_tokens")) if isinstance(prompt_details, dict) else 0
     reasoning = _int(completion_details.get("reasoning_tokens")) if isinstance(completion_details, dict) else 0
-    return _int(usage.get("prompt_tokens")), _int(usage.get("completion_tokens")), reasoning, cached
+    return _int(prompt), _int(completion), reasoning, cached
 
 
 class Pricing:

@@ -9,15 +9,23 @@ from gateway.security.vault import Vault, mask_key
 from gateway.store import Store
 from gateway.upstream.client import UpstreamClient, UpstreamConnectionError
 
+MIN_KEY_CHARS = 20
+
 
 def check_key_format(api_key: Any) -> str:
     if not isinstance(api_key, str) or not api_key.strip():
         raise BadRequest("Field 'api_key' is required: your OpenRouter key (sk-or-...).", param="api_key")
     api_key = api_key.strip()
-    if not api_key.startswith("sk-or-") or len(api_key) < 20 or any(c.isspace() for c in api_key):
+    problem = None
+    if not api_key.startswith("sk-or-"):
+        problem = "keys start with 'sk-or-'"
+    elif any(c.isspace() for c in api_key):
+        problem = "it contains whitespace (copy it again, on one line)"
+    elif len(api_key) < MIN_KEY_CHARS:
+        problem = f"it is {len(api_key)} characters long, and OpenRouter keys are longer (copy the whole key)"
+    if problem:
         raise BadRequest(
-            "That does not look like an OpenRouter key: keys start with 'sk-or-'. "
-            "Create one at https://openrouter.ai/settings/keys.",
+            f"That does not look like an OpenRouter key: {problem}. Create one at https://openrouter.ai/settings/keys.",
             param="api_key",
         )
     return api_key
@@ -27,8 +35,11 @@ async def verify_key(upstream: UpstreamClient, api_key: str) -> dict[str, Any]:
     """Ask OpenRouter's `GET /key` whether the key works; returns its `data`."""
     try:
         status, body = await upstream.call("GET", "/key", key=api_key)
-    except UpstreamConnectionError:
-        raise BadGateway("OpenRouter could not be reached to verify the key; nothing was stored. Try again.") from None
+    except UpstreamConnectionError as exc:
+        raise BadGateway(
+            f"OpenRouter could not be reached at {upstream.base_url} to verify the key ({exc}); nothing was stored. "
+            "Try again, or point upstream.base_url (GATEWAY_UPSTREAM__BASE_URL) at a reachable OpenRouter."
+        ) from None
     if status in (401, 403):
         raise BadRequest(
             "OpenRouter rejected this key (invalid, disabled or deleted); nothing was stored.", param="api_key"

@@ -70,6 +70,8 @@ class GatewayApp:
         try:
             if endpoint is not None:
                 await endpoint(scope, receive, send_logged)
+            elif scope["path"] in self.proxies:
+                await send_error(send_logged, wrong_method(scope["method"], scope["path"], "POST"), request_id)
             else:
                 await self.api(scope, receive, send_logged)
         except Exception:
@@ -130,10 +132,18 @@ async def not_found(request: Request, exc: Exception) -> Any:
     return error_response(NotFound(f"No route {request.method} {request.url.path}; see the API in README.md."), request)
 
 
-async def method_not_allowed(request: Request, exc: Exception) -> Any:
-    err = GatewayError(f"Method {request.method} is not allowed on {request.url.path}.", status=405)
+def wrong_method(method: str, path: str, allow: str) -> GatewayError:
+    """405 naming the methods the path serves, in the message and in `Allow` (RFC 9110 §15.5.6)."""
+    hint = f"; use {allow.replace(', ', ' or ')}" if allow else ""
+    err = GatewayError(f"Method {method} is not allowed on {path}{hint}.", status=405,
+                       headers={"allow": allow} if allow else {})
     err.type = "invalid_request_error"
-    return error_response(err, request)
+    return err
+
+
+async def method_not_allowed(request: Request, exc: Exception) -> Any:
+    allow = (getattr(exc, "headers", None) or {}).get("Allow", "")
+    return error_response(wrong_method(request.method, request.url.path, allow), request)
 
 
 EXCEPTION_HANDLERS: dict[Any, Any] = {

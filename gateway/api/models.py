@@ -1,8 +1,11 @@
-"""The model catalogue and free-model list (/v1/models, /v1/models/free), from the TTL cache.
+"""The model catalogue and what OpenRouter's SDKs ask about it, from the TTL cache.
 
-`/v1/models` answers in OpenRouter's shape (`data`, `total_count`, `links.next`) so the
-OpenRouter SDKs page it unchanged. A list served from a cache that could not be
-refreshed says so in `X-Catalog-Stale: true` and a `Warning` header instead of failing.
+`/models` answers in OpenRouter's shape (`data`, `total_count`, `links.next`) so the
+OpenRouter SDKs page it unchanged; so do `/models/user` (the rows of the caller's OpenRouter
+key, its account settings applied), `/embeddings/models`, `/models/count`,
+`/model/{author}/{slug}` and `/models/{author}/{slug}/endpoints` (OPENROUTER.md §5.2).
+A list served from a cache that could not be refreshed says so in `X-Catalog-Stale: true`
+and a `Warning` header instead of failing.
 """
 
 from __future__ import annotations
@@ -16,7 +19,8 @@ from starlette.routing import BaseRoute
 from gateway.api.common import gateway_of, json_response, mirrored, principal_of
 from gateway.catalog import MAX_PAGE_SIZE, CatalogUnavailable, Snapshot, page
 from gateway.core.clock import iso
-from gateway.core.errors import BadRequest, ServiceUnavailable
+from gateway.core.errors import BadGateway, BadRequest, NotFound, PaymentRequired, ServiceUnavailable
+from gateway.proxy.endpoint import NO_KEY_MESSAGE
 
 
 def _paging_param(request: Request, name: str, low: int, high: int) -> int | None:
@@ -53,21 +57,84 @@ def _headers(snapshot: Snapshot) -> dict[str, str]:
     return headers
 
 
-async def list_models(request: Request) -> Response:
-    offset = _paging_param(request, "offset", 0, 10**9)
-    limit = _paging_param(request, "limit", 1, MAX_PAGE_SIZE)
-    snapshot = await _snapshot(request)
-    modalities = request.query_params.get("output_modalities")
-    rows = snapshot.rows(modalities)
-    chunk, next_offset = page(rows, offset, limit)
+def _paging(request: Request) -> tuple[int | None, int | None]:
+    """Checked before anything is fetched: bad input never costs an upstream call."""
+    return _paging_param(request, "offset", 0, 10**9), _paging_param(request, "limit", 1, MAX_PAGE_SIZE)
+
+
+def _listing(request: Request, paging: tuple[int | None, int | None], snapshot: Snapshot,
+             rows: list[dict[str, Any]], modalities: str | None) -> Response:
+    chunk, next_offset = page(rows, *paging)
     next_link = None
     if next_offset is not None:
-        prefix = "/api/v1" if request.url.path.startswith("/api/") else "/v1"
-        next_link = f"{prefix}/models?offset={next_offset}&limit={len(chunk)}"
-        if modalities:
+        next_link = f"{request.url.path}?offset={next_offset}&limit={len(chunk)}"
+        if modalities and not request.url.path.endswith("/embeddings/models"):
             next_link += f"&output_modalities={modalities}"
     payload: dict[str, Any] = {"data": chunk, "total_count": len(rows), "links": {"next": next_link}}
     return json_response(payload, headers=_headers(snapshot))
+
+
+async def list_models(request: Request) -> Response:
+    paging = _paging(request)
+    snapshot = await _snapshot(request)
+    modalities = request.query_params.get("output_modalities")
+    return _listing(request, paging, snapshot, snapshot.rows(modalities), modalities)
+
+
+async def embedding_models(request: Request) -> Response:
+    paging = _paging(request)
+    snapshot = await _snapshot(request)
+    return _listing(request, paging, snapshot, snapshot.rows("embeddings"), "embeddings")
+
+
+async def count_models(request: Request) -> Response:
+    snapshot = await _snapshot(request)
+    rows = snapshot.rows(request.query_params.get("output_modalities"))
+    return json_response({"data": {"count": len(rows)}}, headers=_headers(snapshot))
+
+
+async def user_models(request: Request) -> Response:
+    """The catalogue as the caller's OpenRouter key sees it: OpenRouter's `/models/user` ids, cached per key."""
+    principal = await principal_of(request)
+    if principal.key is None:
+        raise PaymentRequired(NO_KEY_MESSAGE)
+    paging = _paging(request)
+    snapshot = await _snapshot(request)
+    try:
+        allowed = await gateway_of(request).catalog.views.user_model_ids(principal.key.secret)
+    except CatalogUnavailable as exc:
+        raise BadGateway(f"{exc}; the models your OpenRouter key may use could not be listed. Try again shortly, "
+                         "or use GET /v1/models for the whole catalogue.") from None
+    modalities = request.query_params.get("output_modalities")
+    rows = [row for row in snapshot.rows(modalities) if row["id"] in allowed]
+    return _listing(request, paging, snapshot, rows, modalities)
+
+
+def _model_id(request: Request) -> str:
+    return f"{request.path_params['author']}/{request.path_params['slug']}"
+
+
+async def get_model(request: Request) -> Response:
+    """One model by id; a variant suffix (`:free`, `:nitro` …) not listed itself resolves to its base model."""
+    snapshot = await _snapshot(request)
+    wanted = _model_id(request)
+    found = snapshot.model(wanted) or snapshot.model(wanted.split(":", 1)[0])
+    if found is None:
+        raise NotFound(f"No model {wanted!r} in the catalogue; GET /v1/models lists the ids.", param="slug")
+    return json_response({"data": found}, headers=_headers(snapshot))
+
+
+async def model_endpoints(request: Request) -> Response:
+    """The providers serving a model, as OpenRouter lists them (cached per model for `models.cache_ttl_s`)."""
+    await principal_of(request)
+    author, slug = request.path_params["author"], request.path_params["slug"]
+    try:
+        found = await gateway_of(request).catalog.views.endpoints(author, slug)
+    except CatalogUnavailable as exc:
+        raise BadGateway(f"{exc}; try again shortly.") from None
+    if found is None:
+        raise NotFound(f"No model {author}/{slug!s} at OpenRouter; GET /v1/models lists the ids.", param="slug")
+    return json_response(found)
 
 
 async def free_models(request: Request) -> Response:
@@ -79,4 +146,9 @@ async def free_models(request: Request) -> Response:
 routes: list[BaseRoute] = [
     *mirrored("/models", list_models, ["GET"]),
     *mirrored("/models/free", free_models, ["GET"]),
+    *mirrored("/models/count", count_models, ["GET"]),
+    *mirrored("/models/user", user_models, ["GET"]),
+    *mirrored("/embeddings/models", embedding_models, ["GET"]),
+    *mirrored("/model/{author}/{slug}", get_model, ["GET"]),
+    *mirrored("/models/{author}/{slug}/endpoints", model_endpoints, ["GET"]),
 ]

@@ -10,10 +10,10 @@ from typing import Any
 import orjson
 
 from gateway.accounts.credit_sync import CreditSync, Progress, SyncReport
+from gateway.cli.common import open_store
 from gateway.core.config import Config
 from gateway.core.errors import NotFound
 from gateway.security.vault import Vault
-from gateway.store import Store
 from gateway.upstream.client import UpstreamClient, make_transport
 
 
@@ -35,7 +35,7 @@ def run_sync_command(args: argparse.Namespace, config: Config) -> None:
 
     async def run() -> SyncReport:
         vault = Vault.from_sources(config.security.master_keys, config.security.master_key_file)
-        store = await Store.open(config.database.url)
+        store = await open_store(config)
         up = config.upstream
         upstream = UpstreamClient(
             make_transport(up.client, pool_size=4, connect_timeout_s=up.connect_timeout_s,

@@ -12,11 +12,11 @@ from gateway.core.config import Config
 
 
 async def _with_services(config: Config, work: Any) -> Any:
-    from gateway.security.vault import Vault
-    from gateway.store import Store
+    from gateway.cli.common import open_store
     from gateway.upstream.client import UpstreamClient, make_transport
 
-    store = await Store.open(config.database.url)
+    vault = open_vault(config)
+    store = await open_store(config)
     upstream = UpstreamClient(
         make_transport(config.upstream.client, pool_size=4, connect_timeout_s=config.upstream.connect_timeout_s,
                        read_timeout_s=60),
@@ -24,11 +24,21 @@ async def _with_services(config: Config, work: Any) -> Any:
         retries=1,
     )
     try:
-        vault = Vault.from_sources(config.security.master_keys, config.security.master_key_file)
         return await work(store, vault, upstream)
     finally:
         await upstream.close()
         await store.close()
+
+
+def open_vault(config: Config) -> Any:
+    """The vault, or an EnvironmentFailure naming the master key file and how to provide one."""
+    from gateway.cli.common import EnvironmentFailure
+    from gateway.security.vault import Vault, VaultError
+
+    try:
+        return Vault.from_sources(config.security.master_keys, config.security.master_key_file)
+    except VaultError as exc:
+        raise EnvironmentFailure(str(exc)) from None
 
 
 def run_keys_command(args: argparse.Namespace, config: Config) -> None:
@@ -64,10 +74,19 @@ MANAGED_ACTIONS = ("provision", "rotate", "disable", "enable", "delete")
 async def _managed(args: argparse.Namespace, store: Any, vault: Any, upstream: Any, *, config: Config) -> Any:
     """The admin API's managed-key operations; running gateways learn of them through the change feed."""
     from gateway.accounts.provisioning import MISSING, Provisioner
+    from gateway.cli.common import CliError
     from gateway.security.secret_files import management_key
     from gateway.upstream.key_api import KeyApi
 
-    provisioner = Provisioner(store, vault, KeyApi(upstream, management_key(config.upstream)), config)
+    key = management_key(config.upstream)
+    if key is None and args.action != "delete":
+        raise CliError("no OpenRouter management key is configured: put it in a file named by "
+                       "upstream.management_key_file in the config, or set GATEWAY_UPSTREAM__MANAGEMENT_KEY "
+                       "(create one at https://openrouter.ai/settings/management-keys)")
+    if args.action == "provision" and await store.keys.get(args.user) is not None:
+        raise CliError(f"user {args.user!r} already has an OpenRouter key: replace a managed one with "
+                       f"`gateway keys rotate {args.user}`, or remove it with `gateway keys delete {args.user}` first")
+    provisioner = Provisioner(store, vault, KeyApi(upstream, key), config)
     if args.action == "provision":
         limit = MISSING if args.limit_usd is None else args.limit_usd
         return await provisioner.provision(args.user, limit_usd=limit, actor="cli")
@@ -80,8 +99,6 @@ async def _managed(args: argparse.Namespace, store: Any, vault: Any, upstream: A
 
         raise NotFound(f"No user {args.user!r}.")
     if not await provisioner.remove(args.user, actor="cli"):
-        from gateway.cli.common import CliError
-
         raise CliError(f"user {args.user!r} has no OpenRouter key")
     return {"deleted": True, "user": args.user}
 
@@ -96,7 +113,6 @@ def _rotate_master(args: argparse.Namespace, config: Config) -> Any:
         rotate_master,
     )
     from gateway.security.vault import VaultError
-    from gateway.store import Store
 
     if config.security.master_keys:
         raise CliError(ENV_KEYS_REFUSAL)
@@ -107,7 +123,9 @@ def _rotate_master(args: argparse.Namespace, config: Config) -> Any:
         raise CliError(f"master key file {key_file} does not exist (security.master_key_file; `gateway init` writes one)")
 
     async def work() -> Any:
-        store = await Store.open(config.database.url)
+        from gateway.cli.common import open_store
+
+        store = await open_store(config)
         try:
             return await rotate_master(store, key_file, batch_size=args.batch_size, progress=Progress())
         finally:

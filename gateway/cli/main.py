@@ -2,7 +2,9 @@
 
 Bad input prints one line on stderr and exits 2, with nothing written: every command
 validates before it touches the database (the services it calls do the same checks as
-the admin API).
+the admin API). A failure of the environment (database, upstream, master key) prints one
+line naming the file or URL and the setting that fixes it, and exits 1. Never a traceback.
+`--config PATH` works before the subcommand or after it.
 """
 
 from __future__ import annotations
@@ -16,8 +18,12 @@ from typing import Any, Callable, NoReturn
 from gateway.cli.common import (
     DEFAULT_CONFIG,
     EXIT_BAD_INPUT,
+    EXIT_ENVIRONMENT,
     CliError,
+    EnvironmentFailure,
+    add_config_option,
     config_path,
+    database_failure,
     load,
     print_json,
     with_directory,
@@ -144,7 +150,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], None]] = {
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="gateway", description="OpenAI-compatible gateway in front of OpenRouter.")
-    parser.add_argument("--config", help="path to the YAML config (default: $GATEWAY_CONFIG or ./gateway.yaml)")
+    add_config_option(parser, top=True)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = sub.add_parser("init", help="write a config, a master key file and an admin token (printed once)")
@@ -213,25 +219,49 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("sync-credits", help="refresh users' OpenRouter credits now")
     p.add_argument("--user", help="only this user")
+    for leaf in _leaves(parser):
+        add_config_option(leaf, top=False)
     return parser
+
+
+def _leaves(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+    """Every subcommand's own parser, however deep (`users add`, `keys provision` …)."""
+    found: list[argparse.ArgumentParser] = []
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in dict.fromkeys(action.choices.values()):
+                found.extend(_leaves(child) or [child])
+    return found
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
-    from gateway.security.first_run import MasterKeyError, check_master_keys
+    from gateway.security.first_run import DatabaseUnreadable, MasterKeyError, check_master_keys
     from gateway.security.vault import VaultError
 
     try:
         if args.command not in ("emulator", "serve", "init"):  # serve and init check in `ensure_runtime`
             check_master_keys(load(args))  # a master key that cannot decrypt the stored keys: refuse, exit 2
         COMMANDS[args.command](args)
+    except DatabaseUnreadable as exc:
+        _fail(str(database_failure(load(args), exc.cause)), EXIT_ENVIRONMENT)
     except (CliError, ConfigError, MasterKeyError, VaultError) as exc:
         _fail(str(exc))
+    except EnvironmentFailure as exc:
+        _fail(str(exc), EXIT_ENVIRONMENT)
     except GatewayError as exc:
-        _fail(exc.message, 1 if exc.status >= 500 else EXIT_BAD_INPUT)
+        _fail(exc.message, EXIT_ENVIRONMENT if exc.status >= 500 else EXIT_BAD_INPUT)
     except KeyboardInterrupt:
         sys.exit(130)
+    except Exception as exc:  # never a traceback: the cause in one line, and where to look
+        from gateway.security.vault import VaultError
+
+        if isinstance(exc, VaultError):
+            _fail(str(exc), EXIT_ENVIRONMENT)
+        reason = (str(exc).strip().splitlines() or [""])[0]
+        _fail(f"{args.command} failed: {type(exc).__name__}{': ' + reason if reason else ''} "
+              "(run with GATEWAY_LOGGING__LEVEL=debug for details)", EXIT_ENVIRONMENT)
 
 
 def _fail(message: str, code: int = EXIT_BAD_INPUT) -> NoReturn:

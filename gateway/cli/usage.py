@@ -14,10 +14,10 @@ from gateway.accounting.reports import (
     report_table,
     usage_report,
 )
+from gateway.cli.common import open_store
 from gateway.core.clock import Clock, system_clock
 from gateway.core.config import Config
 from gateway.core.money import dumps
-from gateway.store import Store
 
 
 def run_usage_command(args: argparse.Namespace, config: Config, *, clock: Clock = system_clock) -> None:
@@ -27,7 +27,7 @@ def run_usage_command(args: argparse.Namespace, config: Config, *, clock: Clock 
     group_by = "model" if args.user else "user"
 
     async def work() -> dict[str, Any]:
-        store = await Store.open(config.database.url)
+        store = await open_store(config)
         try:
             return await usage_report(store, period=period, group_by=group_by, user_id=args.user, now=clock())
         finally:

@@ -14,6 +14,12 @@ SETTINGS_HINT = (
     " Check your OpenRouter settings at https://openrouter.ai/settings/preferences "
     "(default model) and https://openrouter.ai/settings/privacy (data policy)."
 )
+# No model in the request and none on the account: the gateway's own setting fixes it too.
+NO_MODEL_HINT = (
+    " Name a model in the request, or set a default for your account here with "
+    "`PUT /v1/settings {\"default_model\": \"openai/gpt-4o-mini\"}`, or at OpenRouter: "
+    "https://openrouter.ai/settings/preferences."
+)
 # An upstream 401 is about the user's OpenRouter key, not the platform token the client sent.
 UPSTREAM_KEY_HINT = (
     " (OpenRouter refused the OpenRouter key connected to your account; connect a working one with "
@@ -141,7 +147,9 @@ def upstream_error_body(status: int, raw: bytes) -> bytes:
     if not isinstance(message, str) or not message:
         text = raw.decode("utf-8", "replace").strip()[:500]
         message = f"upstream returned HTTP {status}" + (f": {text}" if text else "")
-    if "No models provided" in message or "data policy" in message:
+    if "No models provided" in message:
+        message += NO_MODEL_HINT
+    elif "data policy" in message:
         message += SETTINGS_HINT
     elif status == 401:
         message += UPSTREAM_KEY_HINT

@@ -4,6 +4,11 @@
 unfinished last line between chunks and parses just the events it needs: the first
 (generation id, model, provider), any carrying `usage` (the final one, with cost) or a
 top-level `error`. Money is parsed as Decimal.
+
+The Responses API (`/responses`) streams typed events instead of chunks: the response
+object rides in `response.created` (model) and in the final `response.completed`,
+`response.incomplete` or `response.failed` (usage with cost, status, error). Those final
+events are read whole; `finish_reason` becomes what the status means in chat terms.
 """
 
 from __future__ import annotations
@@ -19,6 +24,10 @@ import orjson
 _MAX_TAIL = 1 << 20  # a single SSE line longer than this is not observed (still passed through)
 _FINISH = re.compile(rb'"finish_reason"\s*:\s*"([^"]+)"')
 _USAGE = re.compile(rb'"usage"\s*:\s*\{')
+_RESPONSE_EVENT = b'"type":"response.'
+# A Responses status in chat terms; `incomplete` takes its reason (max_output_tokens → length).
+_RESPONSE_FINISH = {"completed": "stop", "failed": "error", "cancelled": "cancelled"}
+_INCOMPLETE_FINISH = {"max_output_tokens": "length", "content_filter": "content_filter"}
 _DECODER = json.JSONDecoder(parse_float=Decimal)
 
 
@@ -87,12 +96,15 @@ class StreamObserver:
         if b'"usage"' in block:
             for line in _data_lines(block):
                 if b'"usage"' in line:
+                    if _RESPONSE_EVENT in line:
+                        self._response_event(line)
+                        continue
                     usage = parse_usage(line)
                     if usage is not None:
                         obs.usage = usage
         if b'"error"' in block:
             for line in _data_lines(block):
-                if b'"error"' in line:
+                if b'"error"' in line and not (_RESPONSE_EVENT in line and b'"usage"' in line):
                     self._error_event(line)
 
     def finish(self) -> Observation:
@@ -114,20 +126,62 @@ class StreamObserver:
                 continue
             if isinstance(event, dict):
                 self._seen_first = True
+                if isinstance(event.get("response"), dict):  # a Responses event: the object is inside
+                    event = event["response"]
                 obs = self.observation
                 obs.generation_id = obs.generation_id or _str(event.get("id"))
                 obs.model = _str(event.get("model")) or obs.model
                 obs.provider = _str(event.get("provider")) or obs.provider
                 return
 
+    def _response_event(self, line: bytes) -> None:
+        """A Responses event carrying the response object: its usage, status and error."""
+        try:
+            event = _DECODER.decode(line.decode("utf-8", "replace"))
+        except ValueError:
+            return
+        response = event.get("response") if isinstance(event, dict) else None
+        if isinstance(response, dict):
+            read_response(response, self.observation)
+        elif (usage := parse_usage(line)) is not None:
+            self.observation.usage = usage
+
     def _error_event(self, line: bytes) -> None:
         try:
             event = orjson.loads(line)
         except orjson.JSONDecodeError:
             return
-        if isinstance(event, dict) and isinstance(event.get("error"), dict):
-            self.observation.error = event["error"]
+        if not isinstance(event, dict):
+            return
+        error = event.get("error")
+        if event.get("type") == "error" and not isinstance(error, dict):  # a Responses `error` event
+            error = {"code": event.get("code"), "message": event.get("message")}
+        elif isinstance(event.get("response"), dict):  # `response.failed` without usage
+            read_response(event["response"], self.observation)
+            return
+        if isinstance(error, dict):
+            self.observation.error = error
             self.observation.finish_reason = self.observation.finish_reason or "error"
+
+
+def read_response(response: dict[str, Any], obs: Observation) -> None:
+    """What a Responses API `response` object says: id, model, usage, outcome (streamed or not)."""
+    obs.generation_id = obs.generation_id or _str(response.get("id"))
+    obs.model = _str(response.get("model")) or obs.model
+    obs.provider = _str(response.get("provider")) or obs.provider
+    if isinstance(response.get("usage"), dict):
+        obs.usage = response["usage"]
+    status = response.get("status")
+    if status == "incomplete":
+        details = response.get("incomplete_details")
+        reason = details.get("reason") if isinstance(details, dict) else None
+        reason = reason if isinstance(reason, str) and reason else "incomplete"
+        obs.finish_reason = _INCOMPLETE_FINISH.get(reason, reason)
+    elif isinstance(status, str) and status in _RESPONSE_FINISH:
+        obs.finish_reason = _RESPONSE_FINISH[status]
+    if isinstance(response.get("error"), dict):
+        obs.error = response["error"]
+        obs.finish_reason = "error"
 
 
 def observe_body(raw: bytes, observation: Observation | None = None) -> Observation:
@@ -139,6 +193,11 @@ def observe_body(raw: bytes, observation: Observation | None = None) -> Observat
     except orjson.JSONDecodeError:
         return obs
     if not isinstance(body, dict):
+        return obs
+    if body.get("object") == "response":
+        read_response(body, obs)
+        if isinstance(obs.usage, dict):
+            obs.usage = parse_usage(raw)  # Decimal-exact cost
         return obs
     obs.generation_id = obs.generation_id or _str(body.get("id"))
     obs.model = _str(body.get("model")) or obs.model

@@ -40,13 +40,20 @@ async def _stored_ciphertexts(database_url: str) -> list[str]:
     return [r["ciphertext"] for r in rows]
 
 
+class DatabaseUnreadable(Exception):
+    """The database could not be read to check the master key: an environment failure, not bad input."""
+
+    def __init__(self, cause: BaseException) -> None:
+        super().__init__(f"cannot read the database at database.url to check the master key "
+                         f"({type(cause).__name__}: {cause})")
+        self.cause = cause
+
+
 def stored_ciphertexts(config: Config) -> list[str]:
     try:
         return asyncio.run(_stored_ciphertexts(config.database.url))
     except Exception as exc:
-        raise MasterKeyError(
-            f"cannot read the database at database.url to check the master key ({type(exc).__name__}: {exc})"
-        ) from None
+        raise DatabaseUnreadable(exc) from None
 
 
 def check_master_keys(config: Config) -> None:

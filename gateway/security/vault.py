@@ -75,7 +75,8 @@ class Vault:
             return cls(parse_master_keys(env_keys))
         path = Path(key_file)
         if not path.exists():
-            raise VaultError(f"master key file {path} does not exist (run `gateway init`, or set GATEWAY_MASTER_KEYS)")
+            raise VaultError(f"master key file {path} does not exist (security.master_key_file: run `gateway init` to write one, "
+                             "or set GATEWAY_MASTER_KEYS)")
         return cls(parse_master_keys(path.read_text()), key_file=path)
 
     def encrypt(self, secret: str) -> str:

@@ -13,6 +13,7 @@ import time
 from typing import Any, Iterator
 
 import pytest
+
 from tests.conftest import Emulator, free_port, start_gateway
 
 CHAT = {"model": "openai/gpt-4o-mini", "messages": [{"role": "user", "content": "Say hello, please!"}]}

@@ -150,4 +150,4 @@ def test_openrouter_sdk_typed_errors(gateway, user):
         orsdk(gateway, "gw-not-a-token").chat.send(model=MODEL, messages=MESSAGES)
     with pytest.raises(or_errors.BadRequestResponseError) as bad:
         orsdk(gateway, user["token"]).chat.send(messages=MESSAGES)  # no model, and the key has no default
-    assert "https://openrouter.ai/settings/preferences" in str(bad.value)
+    assert "https://openrouter.ai/settings/preferences" in str(bad.value) and "PUT /v1/settings" in str(bad.value)
