@@ -24,7 +24,7 @@ from gateway.accounts.provisioning import Provisioner
 from gateway.accounts.settings import DefaultsPreparer, SettingsBook
 from gateway.alerts.delivery import Courier
 from gateway.alerts.scanner import AlertScanner
-from gateway.api import account, admin, admin_keys, alerts, dashboard, limits, models, operator, ops, usage
+from gateway.api import account, admin, admin_keys, alerts, dashboard, limits, models, openapi, operator, ops, usage
 from gateway.api.dispatch import EXCEPTION_HANDLERS, GatewayApp
 from gateway.auth.admin import AdminAuth
 from gateway.auth.tokens import Authenticator
@@ -53,7 +53,7 @@ from gateway.upstream.key_api import KeyApi
 PROXY_ENDPOINTS = ("/chat/completions", "/completions", "/embeddings")
 API_ROUTES = [*ops.routes, *models.routes, *account.routes, *usage.routes, *limits.routes, *admin.routes,
               *admin_keys.routes, *operator.routes, *alerts.routes,
-              *dashboard.routes]
+              *dashboard.routes, *openapi.routes]
 
 
 async def open_gateway(

@@ -98,6 +98,19 @@ NO_KEY_MESSAGE = (
 )
 
 
+# What `_admit` checks of a proxied body before forwarding it as sent (the OpenAPI description uses it).
+REQUEST_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "model": {"type": "string", "description": "e.g. openai/gpt-4o-mini; absent = the user's default_model"},
+        "stream": {"type": "boolean"},
+        "messages": {"type": "array", "items": {"type": "object"}},
+        "max_tokens": {"type": "integer", "minimum": 1},
+    },
+    "additionalProperties": True,
+}
+
+
 class ProxyEndpoint:
     def __init__(
         self,
