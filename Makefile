@@ -9,7 +9,7 @@ TEST_STAMP := $(VENV)/.installed-test
 PEERS_VENV := .venv-peers
 PEERS_STAMP := $(PEERS_VENV)/.installed
 
-.PHONY: run demo test lint bench bench-peers init clean
+.PHONY: run demo test soak lint bench bench-peers init clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,10 @@ init: $(STAMP)
 
 test: $(TEST_STAMP)
 	$(BIN)/python -m pytest
+
+# the long contract run: schemathesis sends many generated requests per operation of /openapi.json
+soak: $(TEST_STAMP)
+	GATEWAY_SOAK=1 $(BIN)/python -m pytest -q tests/e2e/test_openapi_e2e.py
 
 # ruff, mypy and the import-linter contracts in pyproject.toml (imports flow one way; the emulator stands alone)
 lint: $(TEST_STAMP)

@@ -22,7 +22,9 @@ from gateway.accounts.credit_sync import CreditSync
 from gateway.accounts.directory import Directory
 from gateway.accounts.provisioning import Provisioner
 from gateway.accounts.settings import DefaultsPreparer, SettingsBook
-from gateway.api import account, admin, admin_keys, limits, models, ops, usage
+from gateway.alerts.delivery import Courier
+from gateway.alerts.scanner import AlertScanner
+from gateway.api import account, admin, admin_keys, alerts, dashboard, limits, models, openapi, operator, ops, usage
 from gateway.api.dispatch import EXCEPTION_HANDLERS, GatewayApp
 from gateway.auth.admin import AdminAuth
 from gateway.auth.tokens import Authenticator
@@ -50,7 +52,8 @@ from gateway.upstream.key_api import KeyApi
 
 PROXY_ENDPOINTS = ("/chat/completions", "/completions", "/embeddings", "/responses")
 API_ROUTES = [*ops.routes, *models.routes, *account.routes, *usage.routes, *limits.routes, *admin.routes,
-              *admin_keys.routes]
+              *admin_keys.routes, *operator.routes, *alerts.routes,
+              *dashboard.routes, *openapi.routes]
 
 
 async def open_gateway(
@@ -86,7 +89,7 @@ async def open_gateway(
     stop = EmergencyStop(store.state)
     await stop.load()
     auth.on_state_change(stop.on_state_change)
-    catalog = Catalog(upstream, ttl_s=cfg.models.cache_ttl_s, clock=clock)
+    catalog = Catalog(upstream, ttl_s=cfg.models.cache_ttl_s, clock=clock, metrics=metrics)
 
     # -- accounts --
     directory = Directory(store, cfg, forget_user=auth.forget_user, forget_token=auth.forget_token, clock=clock)
@@ -105,7 +108,7 @@ async def open_gateway(
     settler = Settler(upstream, lookup, key_for=key_lookup(store, vault),
                       is_free_generation=catalog.is_free_generation, clock=clock,
                       pacer=Pacer(meter, busy_share=lookup.busy_cpu_share, floor_per_s=lookup.busy_floor_per_s))
-    ledger = Ledger(store, cfg, settler=settler, clock=clock)
+    ledger = Ledger(store, cfg, settler=settler, clock=clock, metrics=metrics)
     lifecycle.on_shutdown(ledger.close)
     pricing = Pricing(cfg, catalog.is_free_generation)
 
@@ -130,12 +133,20 @@ async def open_gateway(
         lifecycle.spawn(meter.run())
         if cfg.jobs.usage_retention_days:
             lifecycle.spawn(ledger.run_retention(cfg.jobs.usage_retention_days))
+    # -- alerts: checked from the store, sent from its outbox (only with webhooks configured) --
+    courier = Courier(store.alerts, cfg.alerts, clock=clock)
+    lifecycle.on_shutdown(courier.close)
+    scanner = AlertScanner(store, cfg, clock=clock, on_enqueued=courier.wake)
+    if cfg.alerts.webhooks:
+        lifecycle.spawn(scanner.run(cfg.alerts.check_interval_s))
+        lifecycle.spawn(courier.run())
     catalog.warm()  # fetch the model list in the background so prices are known early
 
     # -- the proxy, built once --
     streams: dict[str, StreamInFlight] = {}
     metrics.gauge("gateway_streams_in_flight", lambda: len(streams))
     metrics.gauge("gateway_settlements_pending", lambda: settler.pending)
+    metrics.gauge("gateway_usage_queue_depth", lambda: ledger.backlog)
     admission: Admission = limiter if limits else OpenAdmission()
     recorder: Recorder = ledger if accounting else DiscardRecorder()
     attribution = {"HTTP-Referer": up.app_referer or "", "X-OpenRouter-Title": up.app_title or ""}
@@ -144,14 +155,14 @@ async def open_gateway(
         proxy = ProxyEndpoint(
             endpoint, auth=auth, upstream=upstream, stop=stop, max_body_bytes=cfg.server.max_body_bytes,
             attribution=attribution, pricing=pricing, admission=admission, recorder=recorder,
-            preparer=DefaultsPreparer(settings), streams=streams, clock=clock,
+            preparer=DefaultsPreparer(settings), streams=streams, clock=clock, metrics=metrics,
         )
         proxies["/v1" + endpoint] = proxies["/api/v1" + endpoint] = proxy
 
     return Gateway(
         config=cfg, clock=clock, lifecycle=lifecycle, metrics=metrics, store=store, vault=vault, admin=admin_auth,
         upstream=upstream, auth=auth, stop=stop, catalog=catalog, directory=directory, settings=settings,
-        provisioner=provisioner, credit_sync=credit_sync, ledger=ledger, limiter=limiter, streams=streams,
+        provisioner=provisioner, credit_sync=credit_sync, ledger=ledger, limiter=limiter, alerts=scanner, streams=streams,
         proxies=proxies,
     )
 

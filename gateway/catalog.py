@@ -25,6 +25,7 @@ from typing import Any
 from cachetools import TTLCache
 
 from gateway.core.clock import Clock, system_clock
+from gateway.core.metrics import Metrics
 from gateway.upstream.client import UpstreamClient, UpstreamConnectionError
 
 log = logging.getLogger("gateway.catalog")
@@ -143,8 +144,10 @@ class Catalog:
         key: str | None = None,
         clock: Clock = system_clock,
         fetch_timeout_s: float = 30.0,
+        metrics: Metrics | None = None,
     ) -> None:
         self._upstream = upstream
+        self._metrics = metrics or Metrics()
         self._ttl_s = ttl_s
         self._key = key or ""
         self._clock = clock
@@ -175,16 +178,22 @@ class Catalog:
 
         During an outage this answers the stale snapshot (or raises CatalogUnavailable
         when there never was one) without asking the upstream until the back-off ends.
+        Each read counts in `gateway_catalog_requests_total{result}`: hit (fresh), miss (fetched now),
+        stale (the last list during an outage); the request path's `price` look-ups are not counted.
         """
         if self._fresh():
+            self._metrics.observe_catalog("hit")
             return self._snapshot  # type: ignore[return-value]
         if self._refreshing is None or self._refreshing.done():
             if self._backing_off():
                 if self._snapshot is None:
                     raise CatalogUnavailable(f"the model catalogue is unavailable: {self._last_error}")
+                self._metrics.observe_catalog("stale")
                 return self._snapshot
             self._refreshing = asyncio.create_task(self._refresh())
-        return await asyncio.shield(self._refreshing)
+        snapshot = await asyncio.shield(self._refreshing)
+        self._metrics.observe_catalog("stale" if snapshot.stale else "miss")
+        return snapshot
 
     def warm(self) -> None:
         """Start a refresh in the background if the cache is cold or expired (request path)."""

@@ -12,6 +12,7 @@ from gateway.accounts.credit_sync import CreditSync
 from gateway.accounts.directory import Directory
 from gateway.accounts.provisioning import Provisioner
 from gateway.accounts.settings import SettingsBook
+from gateway.alerts.scanner import AlertScanner
 from gateway.auth.admin import AdminAuth
 from gateway.auth.tokens import Authenticator
 from gateway.catalog import Catalog
@@ -47,5 +48,6 @@ class Gateway:
     credit_sync: CreditSync
     ledger: Ledger
     limiter: Limiter
+    alerts: AlertScanner  # when this instance last checked for alerts (`GET /admin/v1/alerts`)
     streams: dict[str, StreamInFlight]  # request id → stream in flight (admin `GET /streams`)
     proxies: dict[str, ProxyEndpoint]  # path → endpoint, under /v1 and /api/v1

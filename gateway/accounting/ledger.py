@@ -29,6 +29,7 @@ from gateway.accounting.settlement import KeyLookup, Settler
 from gateway.auth.tokens import Principal
 from gateway.core.clock import Clock, iso, system_clock
 from gateway.core.config import Config
+from gateway.core.metrics import Metrics
 from gateway.proxy.sse import Observation
 from gateway.proxy.types import Charge, ProxyRequest
 from gateway.security.vault import Vault
@@ -50,8 +51,10 @@ class Ledger:
         *,
         settler: Settler,
         clock: Clock = system_clock,
+        metrics: Metrics | None = None,
     ) -> None:
         self._store = store
+        self._metrics = metrics or Metrics()
         self._clock = clock
         self.settler = settler
         self.flush_interval_s = config.accounting.flush_interval_ms / 1000
@@ -93,6 +96,9 @@ class Ledger:
         if record.generation_id in self._unwritten:
             return  # the same generation reported twice: one record
         self._unwritten[record.generation_id] = record
+        # counted as recorded (the provisional figures); a settlement's correction is not re-counted
+        self._metrics.observe_generation(record.tier, record.prompt_tokens, record.completion_tokens,
+                                         record.total_cost, record.markup)
         if record.settle_status == PENDING and principal.key is not None:
             self.settler.schedule(record, key=principal.key.secret, due=first_lookup_at, created_ts=request.started)
         if self.flush_interval_s == 0:

@@ -121,6 +121,51 @@ class JobsConfig(_Section):
     usage_retention_days: int | None = Field(None, ge=1)
 
 
+AlertEvent = Literal["budget.threshold", "credits.low", "key.disabled", "emergency_stop.changed"]
+ALERT_EVENTS: tuple[AlertEvent, ...] = ("budget.threshold", "credits.low", "key.disabled", "emergency_stop.changed")
+
+
+class WebhookConfig(_Section):
+    """One receiver: an http(s) URL, the events it wants (default all), the HMAC-SHA256 key it checks."""
+
+    url: str
+    events: list[AlertEvent] = Field(
+        default_factory=lambda: list(ALERT_EVENTS), min_length=1)
+    secret: str = Field(min_length=16)
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        from urllib.parse import urlsplit
+
+        try:
+            parts = urlsplit(value)
+            port = parts.port
+        except ValueError as exc:
+            raise ValueError(f"is not a valid URL ({exc})") from None
+        if parts.scheme not in ("http", "https") or not parts.hostname or any(c.isspace() for c in value):
+            raise ValueError("must be an http:// or https:// URL with a host, such as https://hooks.example.com/gateway")
+        del port
+        return value
+
+
+class AlertsConfig(_Section):
+    webhooks: list[WebhookConfig] = []
+    budget_thresholds: list[Decimal] = Field(default_factory=lambda: [Decimal("0.8"), Decimal("1.0")])
+    check_interval_s: float = Field(30, gt=0)
+    max_attempts: int = Field(8, ge=1, le=50)
+    backoff_base_s: float = Field(2, gt=0)
+    backoff_max_s: float = Field(600, gt=0)
+    timeout_s: float = Field(10, gt=0)
+
+    @field_validator("budget_thresholds")
+    @classmethod
+    def _fractions(cls, value: list[Decimal]) -> list[Decimal]:
+        if any(not (0 < f <= 10) for f in value):
+            raise ValueError("each threshold is a fraction of the budget above 0 (0.8 = 80%), at most 10")
+        return sorted(set(value))
+
+
 class LoggingConfig(_Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
     access_log: bool = True
@@ -138,6 +183,7 @@ class Config(_Section):
     default_tier: str = "trial"
     jobs: JobsConfig = JobsConfig()
     logging: LoggingConfig = LoggingConfig()
+    alerts: AlertsConfig = AlertsConfig()
 
     def model_post_init(self, _context: Any) -> None:
         if self.default_tier not in self.tiers:

@@ -1,17 +1,39 @@
 """Prometheus metrics, kept as plain counters: the request path only adds to a dict.
 
 Rendered in the text exposition format at `GET /metrics`. Labels are bounded (route
-templates, status classes, tier names) so the series count cannot grow with traffic.
+templates, status classes, tier names, limit names, fixed kinds) so the series count
+cannot grow with traffic. `snapshot()` / `render(merged=...)` let a scrape add up what
+several worker processes counted (see `gateway.core.metrics_share`).
 """
 
 from __future__ import annotations
 
 from bisect import bisect_left
-from collections import defaultdict
+from collections import defaultdict, deque
 from decimal import Decimal
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+# `gateway_upstream_errors_total{kind}`: what went wrong talking to OpenRouter (a fixed set)
+UPSTREAM_ERROR_KINDS = ("connection", "broken", "rate_limited", "client_error", "server_error")
+# `gateway_catalog_requests_total{result}`
+CATALOG_RESULTS = ("hit", "miss", "stale")
+RECENT_PROBLEMS = 50
+
+COUNTERS = {  # family → its label names, in order
+    "gateway_requests_total": ("route", "status"),
+    "gateway_upstream_errors_total": ("kind",),
+    "gateway_tokens_total": ("tier", "kind"),
+    "gateway_cost_usd_total": ("tier",),
+    "gateway_markup_usd_total": ("tier",),
+    "gateway_limit_refusals_total": ("limit",),
+    "gateway_catalog_requests_total": ("result",),
+}
+HISTOGRAMS = {
+    "gateway_request_duration_seconds": ("route",),
+    "gateway_upstream_ttfb_seconds": (),
+    "gateway_overhead_seconds": (),
+}
 
 
 class Histogram:
@@ -32,54 +54,132 @@ class Metrics:
     def __init__(self) -> None:
         self.requests: defaultdict[tuple[str, str], int] = defaultdict(int)
         self.latency: defaultdict[str, Histogram] = defaultdict(Histogram)
+        self.ttfb = Histogram()
+        self.overhead = Histogram()
         self.upstream_errors: defaultdict[str, int] = defaultdict(int)
         self.tokens: defaultdict[tuple[str, str], int] = defaultdict(int)
         self.cost: defaultdict[str, Decimal] = defaultdict(lambda: Decimal(0))
+        self.markup: defaultdict[str, Decimal] = defaultdict(lambda: Decimal(0))
+        self.refusals: defaultdict[str, int] = defaultdict(int)
+        self.catalog: defaultdict[str, int] = defaultdict(int)
         self.gauges: dict[str, Callable[[], float]] = {}
+        # the last refusals and upstream errors of this process, newest last (the dashboard lists them)
+        self.recent: deque[dict[str, Any]] = deque(maxlen=RECENT_PROBLEMS)
+
+    # -- observations -----------------------------------------------------------
 
     def observe_request(self, route: str, status: int, seconds: float) -> None:
         self.requests[(route, f"{status // 100}xx")] += 1
         self.latency[route].observe(seconds)
 
-    def observe_upstream_error(self, kind: str) -> None:
-        self.upstream_errors[kind] += 1
+    def observe_proxy(self, ttfb_s: float, overhead_s: float) -> None:
+        """One forwarded request: the upstream's time to its first byte, and the gateway's own time."""
+        self.ttfb.observe(ttfb_s)
+        self.overhead.observe(overhead_s)
 
-    def observe_generation(self, tier: str, prompt_tokens: int, completion_tokens: int, total_cost: Decimal) -> None:
+    def observe_upstream_error(self, kind: str, at: float | None = None, detail: str = "") -> None:
+        self.upstream_errors[kind] += 1
+        if at is not None:
+            self.recent.append({"at": at, "what": "upstream_error", "kind": kind, "detail": detail[:300]})
+
+    def observe_refusal(self, limit: str, at: float, status: int, user_id: str | None, detail: str) -> None:
+        self.refusals[limit] += 1
+        self.recent.append({"at": at, "what": "refusal", "kind": limit, "status": status, "user_id": user_id,
+                            "detail": detail[:300]})
+
+    def observe_generation(self, tier: str, prompt_tokens: int, completion_tokens: int, total_cost: Decimal,
+                           markup: Decimal = Decimal(0)) -> None:
         self.tokens[(tier, "prompt")] += prompt_tokens
         self.tokens[(tier, "completion")] += completion_tokens
         self.cost[tier] += total_cost
+        self.markup[tier] += markup
+
+    def observe_catalog(self, result: str) -> None:
+        self.catalog[result] += 1
 
     def gauge(self, name: str, read: Callable[[], float]) -> None:
         self.gauges[name] = read
 
-    def render(self) -> str:
-        lines: list[str] = []
-        add = lines.append
-        add("# TYPE gateway_requests_total counter")
-        for (route, status), value in sorted(self.requests.items()):
-            add(f'gateway_requests_total{{route="{route}",status="{status}"}} {value}')
-        add("# TYPE gateway_request_duration_seconds histogram")
-        for route, hist in sorted(self.latency.items()):
+    # -- exposition -------------------------------------------------------------
+
+    def snapshot(self) -> dict[str, Any]:
+        """Everything counted so far as plain JSON-able data (money as exact strings)."""
+        counters: dict[str, list[list[Any]]] = {
+            "gateway_requests_total": [[list(k), v] for k, v in self.requests.items()],
+            "gateway_upstream_errors_total": [[[k], v] for k, v in self.upstream_errors.items()],
+            "gateway_tokens_total": [[list(k), v] for k, v in self.tokens.items()],
+            "gateway_cost_usd_total": [[[k], format(v, "f")] for k, v in self.cost.items()],
+            "gateway_markup_usd_total": [[[k], format(v, "f")] for k, v in self.markup.items()],
+            "gateway_limit_refusals_total": [[[k], v] for k, v in self.refusals.items()],
+            "gateway_catalog_requests_total": [[[k], v] for k, v in self.catalog.items()],
+        }
+        histograms = {
+            "gateway_request_duration_seconds": [[[r], h.counts, h.total, h.count] for r, h in self.latency.items()],
+            "gateway_upstream_ttfb_seconds": [[[], self.ttfb.counts, self.ttfb.total, self.ttfb.count]],
+            "gateway_overhead_seconds": [[[], self.overhead.counts, self.overhead.total, self.overhead.count]],
+        }
+        gauges = {name: read() for name, read in self.gauges.items()}
+        return {"counters": counters, "histograms": histograms, "gauges": gauges}
+
+    def render(self, others: Iterable[dict[str, Any]] = ()) -> str:
+        """This process's figures, plus those of `others` (other workers' snapshots), summed."""
+        return render_snapshots([self.snapshot(), *others])
+
+
+def _number(value: Any) -> Decimal | int:
+    return Decimal(value) if isinstance(value, str) else value
+
+
+def render_snapshots(snapshots: list[dict[str, Any]]) -> str:
+    """Sum snapshots series by series and write the text format: counters, histograms, gauges."""
+    counters: dict[str, dict[tuple[str, ...], Any]] = {name: {} for name in COUNTERS}
+    histograms: dict[str, dict[tuple[str, ...], list[Any]]] = {name: {} for name in HISTOGRAMS}
+    gauges: dict[str, float] = {}
+    for snap in snapshots:
+        for name, series in snap.get("counters", {}).items():
+            into = counters.setdefault(name, {})
+            for labels, value in series:
+                key = tuple(labels)
+                into[key] = into.get(key, 0) + _number(value)
+        for name, series in snap.get("histograms", {}).items():
+            into_h = histograms.setdefault(name, {})
+            for labels, counts, total, count in series:
+                have = into_h.setdefault(tuple(labels), [[0] * len(counts), 0.0, 0])
+                have[0] = [a + b for a, b in zip(have[0], counts)]
+                have[1] += total
+                have[2] += count
+        for name, value in snap.get("gauges", {}).items():
+            gauges[name] = gauges.get(name, 0) + value
+    lines: list[str] = []
+    add = lines.append
+    for name, label_names in COUNTERS.items():
+        add(f"# TYPE {name} counter")
+        for labels, value in sorted(counters.get(name, {}).items()):
+            text = format(value, "f") if isinstance(value, Decimal) else str(value)
+            add(f"{name}{_labels(label_names, labels)} {text}")
+    for name, label_names in HISTOGRAMS.items():
+        add(f"# TYPE {name} histogram")
+        for labels, (counts, total, count) in sorted(histograms.get(name, {}).items()):
             cumulative = 0
-            for bound, count in zip((*LATENCY_BUCKETS_S, float("inf")), hist.counts):
-                cumulative += count
+            for bound, n in zip((*LATENCY_BUCKETS_S, float("inf")), counts):
+                cumulative += n
                 le = "+Inf" if bound == float("inf") else repr(bound)
-                add(f'gateway_request_duration_seconds_bucket{{route="{route}",le="{le}"}} {cumulative}')
-            add(f'gateway_request_duration_seconds_sum{{route="{route}"}} {hist.total}')
-            add(f'gateway_request_duration_seconds_count{{route="{route}"}} {hist.count}')
-        add("# TYPE gateway_upstream_errors_total counter")
-        for kind, value in sorted(self.upstream_errors.items()):
-            add(f'gateway_upstream_errors_total{{kind="{kind}"}} {value}')
-        add("# TYPE gateway_tokens_total counter")
-        for (tier, kind), value in sorted(self.tokens.items()):
-            add(f'gateway_tokens_total{{tier="{tier}",kind="{kind}"}} {value}')
-        add("# TYPE gateway_cost_usd_total counter")
-        for tier, amount in sorted(self.cost.items()):
-            add(f'gateway_cost_usd_total{{tier="{tier}"}} {amount:f}')
-        for name, read in sorted(self.gauges.items()):
-            add(f"# TYPE {name} gauge")
-            add(f"{name} {read()}")
-        return "\n".join(lines) + "\n"
+                add(f"{name}_bucket{_labels((*label_names, 'le'), (*labels, le))} {cumulative}")
+            add(f"{name}_sum{_labels(label_names, labels)} {total}")
+            add(f"{name}_count{_labels(label_names, labels)} {count}")
+    for name, value in sorted(gauges.items()):
+        add(f"# TYPE {name} gauge")
+        add(f"{name} {value}")
+    return "\n".join(lines) + "\n"
+
+
+def _labels(names: Iterable[str], values: Iterable[str]) -> str:
+    pairs = ",".join(f'{n}="{_escape(v)}"' for n, v in zip(names, values))
+    return "{" + pairs + "}" if pairs else ""
+
+
+def _escape(value: str) -> str:
+    return str(value).replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
 
 
 def route_label(path: str, proxies: Iterable[str]) -> str:

@@ -28,6 +28,7 @@ from gateway.core.errors import (
     UnsupportedMediaType,
     upstream_error_body,
 )
+from gateway.core.metrics import Metrics
 from gateway.proxy.body import read_body
 from gateway.proxy.sse import Observation, StreamObserver, observe_body
 from gateway.proxy.stop import EmergencyStop
@@ -98,6 +99,19 @@ NO_KEY_MESSAGE = (
 )
 
 
+# What `_admit` checks of a proxied body before forwarding it as sent (the OpenAPI description uses it).
+REQUEST_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "model": {"type": "string", "description": "e.g. openai/gpt-4o-mini; absent = the user's default_model"},
+        "stream": {"type": "boolean"},
+        "messages": {"type": "array", "items": {"type": "object"}},
+        "max_tokens": {"type": "integer", "minimum": 1},
+    },
+    "additionalProperties": True,
+}
+
+
 class ProxyEndpoint:
     def __init__(
         self,
@@ -114,8 +128,10 @@ class ProxyEndpoint:
         preparer: BodyPreparer | None = None,
         streams: dict[str, StreamInFlight] | None = None,
         clock: Callable[[], float] = time.time,
+        metrics: Metrics | None = None,
     ) -> None:
         self.endpoint = endpoint
+        self.metrics = metrics or Metrics()
         self.auth = auth
         self.upstream = upstream
         self.stop = stop
@@ -136,6 +152,9 @@ class ProxyEndpoint:
         try:
             principal, request, ticket = await self._admit(scope, receive, request_id, started)
         except GatewayError as error:
+            limit = refused_limit(error)
+            if limit is not None:
+                self.metrics.observe_refusal(limit, started, error.status, None, error.message)
             await send_error(send, error, request_id)
             return
         await self._forward(scope, receive, send, principal, request, ticket)
@@ -223,17 +242,23 @@ class ProxyEndpoint:
         assert principal.key is not None
         observation = Observation()
         charge: Charge | None = None
+        metrics = self.metrics
         try:
+            sent = self.clock()
             try:
                 response = await self.upstream.open(
                     "POST", self.endpoint, key=principal.key.secret, body=request.raw,
                     headers=self._upstream_headers(scope),
                 )
             except UpstreamConnectionError as exc:
+                metrics.observe_upstream_error("connection", sent, str(exc))
                 await send_error(send, upstream_failure(exc), request.request_id)
                 return
             request.status = response.status
             request.first_byte = self.clock()
+            if response.status >= 400:
+                metrics.observe_upstream_error(_error_kind(response.status), sent,
+                                               f"{response.status} from {self.endpoint}")
             generation_id = None
             out_headers = [(b"x-request-id", request.request_id.encode())]
             for name, value in response.headers:
@@ -254,6 +279,8 @@ class ProxyEndpoint:
                 if response.status == 200 or observation.generation_id:
                     charge = self.pricing.charge(principal, request, observation)
                     self.recorder.record(principal, request, observation, charge)
+                # overhead: the whole request less the time spent waiting on the upstream
+                metrics.observe_proxy(request.first_byte - sent, (sent - request.started) + (self.clock() - request.ended))
         finally:
             ticket.release(charge)
 
@@ -270,6 +297,7 @@ class ProxyEndpoint:
         except UpstreamConnectionError as exc:
             error = upstream_failure(exc)
             request.status = error.status
+            self.metrics.observe_upstream_error("broken", self.clock(), str(exc))
             await send_error(send, error, request.request_id)
             return
         if response.status >= 400:
@@ -297,7 +325,7 @@ class ProxyEndpoint:
         stream_id = request.request_id
         self.streams[stream_id] = StreamInFlight(principal.user_id, request.model, request.started, observation)
         await send({"type": "http.response.start", "status": 200, "headers": headers})
-        pump = asyncio.create_task(_pump(send, response, observer))
+        pump = asyncio.create_task(_pump(send, response, observer, self.metrics, self.clock))
         watcher = asyncio.create_task(_wait_disconnect(receive))
         try:
             done, _ = await asyncio.wait((pump, watcher), return_when=asyncio.FIRST_COMPLETED)
@@ -314,7 +342,8 @@ class ProxyEndpoint:
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
-async def _pump(send: Send, response: UpstreamResponse, observer: StreamObserver) -> None:
+async def _pump(send: Send, response: UpstreamResponse, observer: StreamObserver, metrics: Metrics,
+                clock: Callable[[], float]) -> None:
     try:
         async for chunk in response.chunks():
             observer.feed(chunk)
@@ -322,6 +351,26 @@ async def _pump(send: Send, response: UpstreamResponse, observer: StreamObserver
     except UpstreamConnectionError as exc:
         # Bytes already reached the client: the stream just ends; accounting still sees it.
         log.warning("upstream stream broke mid-way: %s", exc)
+        metrics.observe_upstream_error("broken", clock(), str(exc))
+
+
+def _error_kind(status: int) -> str:
+    if status == 429:
+        return "rate_limited"
+    return "server_error" if status >= 500 else "client_error"
+
+
+def refused_limit(error: GatewayError) -> str | None:
+    """The `limit` label of a refusal before forwarding (SPEC §6 order), None for a bad request."""
+    if error.metadata and "limit" in error.metadata:
+        return str(error.metadata["limit"])
+    if isinstance(error, ServiceUnavailable):
+        return "emergency_stop"
+    if isinstance(error, Forbidden):
+        return "suspended"
+    if isinstance(error, PaymentRequired):
+        return "no_key"
+    return None
 
 
 async def _wait_disconnect(receive: Receive) -> None:

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from gateway.core.clock import Clock, system_clock
 from gateway.store.account import AccountRepository
+from gateway.store.alerts import AlertRepository
 from gateway.store.audit import AuditRepository
 from gateway.store.changes import ChangeFeed
 from gateway.store.connect import connect
@@ -28,6 +29,7 @@ class Store:
     audit: AuditRepository
     account: AccountRepository
     usage: UsageRepository
+    alerts: AlertRepository
 
     @classmethod
     def over(cls, db: Database, clock: Clock = system_clock) -> "Store":
@@ -41,6 +43,7 @@ class Store:
             audit=AuditRepository(db, clock),
             account=AccountRepository(db, clock),
             usage=UsageRepository(db, clock),
+            alerts=AlertRepository(db, clock),
         )
 
     @classmethod

@@ -63,6 +63,19 @@ class AccountRepository:
                     "INSERT INTO account_credits (user_id, error, error_at) VALUES (?, ?, ?)", (user_id, error, now)
                 )
 
+    async def low_balances(self, under: Decimal, *, limit: int = 100) -> list[Row]:
+        """Users whose last synced balance (credits − usage) is under `under`, lowest first (exact Decimal)."""
+        rows = await self._db.fetchall(
+            "SELECT user_id, total_credits, total_usage, synced_at FROM account_credits WHERE total_credits IS NOT NULL"
+        )
+        low = []
+        for row in rows:
+            balance = Decimal(row["total_credits"]) - Decimal(row["total_usage"] or "0")
+            if balance < under:
+                low.append({"user_id": row["user_id"], "balance": balance, "synced_at": row["synced_at"]})
+        low.sort(key=lambda r: (r["balance"], r["user_id"]))
+        return low[:limit]
+
     async def users_with_keys(self) -> int:
         """How many users have an OpenRouter key, i.e. how many a full credit sync visits."""
         row = await self._db.fetchone("SELECT COUNT(*) AS n FROM provider_keys")
