@@ -145,6 +145,7 @@ async def open_gateway(
             endpoint, auth=auth, upstream=upstream, stop=stop, max_body_bytes=cfg.server.max_body_bytes,
             attribution=attribution, pricing=pricing, admission=admission, recorder=recorder,
             preparer=DefaultsPreparer(settings), streams=streams, clock=clock,
+            request_timeout_s=cfg.server.request_timeout_s, stream_idle_timeout_s=up.stream_idle_timeout_s,
         )
         proxies["/v1" + endpoint] = proxies["/api/v1" + endpoint] = proxy
 
