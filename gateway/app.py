@@ -9,6 +9,7 @@ side effect (GC tuning, logging, environment): those belong to `server.py` and t
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from typing import Any, AsyncIterator, Callable
 
@@ -148,6 +149,7 @@ async def open_gateway(
             request_timeout_s=cfg.server.request_timeout_s, stream_idle_timeout_s=up.stream_idle_timeout_s,
         )
         proxies["/v1" + endpoint] = proxies["/api/v1" + endpoint] = proxy
+    lifecycle.on_shutdown(lambda: streams_ended(streams))  # registered last: runs before the ledger's flush
 
     return Gateway(
         config=cfg, clock=clock, lifecycle=lifecycle, metrics=metrics, store=store, vault=vault, admin=admin_auth,
@@ -155,6 +157,16 @@ async def open_gateway(
         provisioner=provisioner, credit_sync=credit_sync, ledger=ledger, limiter=limiter, streams=streams,
         proxies=proxies,
     )
+
+
+async def streams_ended(streams: dict[str, StreamInFlight], within_s: float = 2.0) -> None:
+    """Shutdown: the streams the server's grace end cancelled are still writing their closing error event and
+    handing their record to the ledger; wait (briefly) for them, so the final flush has every record."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within_s
+    while streams and loop.time() < deadline:
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0)  # one more turn for a cancelled non-streamed request to record itself
 
 
 def create_app(
