@@ -120,3 +120,43 @@ def test_sigterm_with_two_workers_drains_and_exits_0(tmp_path, emulator, slow_ch
     run = stop_with_streams_open(tmp_path, emulator, workers=2)
     assert_drained(run)
     assert "Traceback" not in run["gw"].output() and "cannot start a transaction" not in run["gw"].output()
+
+
+FLUSH_MS = 200
+
+
+def test_kill_9_loses_only_records_younger_than_the_flush_interval(tmp_path, emulator):
+    gw = start_gateway(tmp_path, emulator, {"tiers": UNLIMITED, "accounting": {"flush_interval_ms": FLUSH_MS}})
+    account = gw.create_user(tier="starter", key=emulator.new_key())
+    received: list[tuple[float, str]] = []  # (when the client had the answer, its generation id)
+    killed = threading.Event()
+
+    def traffic() -> None:
+        with gw.client(account["token"]) as client:
+            while not killed.is_set():
+                try:
+                    response = client.post("/v1/chat/completions", json=CHAT)
+                except httpx.HTTPError:
+                    return
+                if response.status_code == 200:
+                    received.append((time.time(), response.json()["id"]))
+
+    threads = [threading.Thread(target=traffic, daemon=True) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    poll(lambda: len(received) >= 200, timeout=20)
+    killed_at = time.time()
+    gw.process.send_signal(signal.SIGKILL)
+    killed.set()
+    gw.process.wait(10)
+    for thread in threads:
+        thread.join(5)
+    gw.admin.close()
+    answered = [(at, gen) for at, gen in received if at <= killed_at]
+    stored = {row[0] for row in sqlite_rows(tmp_path / "gateway.db", "SELECT generation_id FROM usage_records")}
+    lost = [killed_at - at for at, gen in answered if gen not in stored]
+    oldest = max(lost, default=0.0)
+    print(f"\nkill -9 after {len(answered)} answers: {len(lost)} records lost, the oldest {oldest * 1000:.0f} ms old "
+          f"(flush_interval_ms {FLUSH_MS})")
+    assert len(stored) >= len(answered) - len(lost) and lost  # something was in flight to lose
+    assert oldest <= FLUSH_MS / 1000 + 0.05, f"lost a record {oldest * 1000:.0f} ms old"
