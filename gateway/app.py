@@ -26,6 +26,7 @@ from gateway.accounts.settings import DefaultsPreparer, SettingsBook
 from gateway.api import account, admin, admin_keys, limits, models, ops, usage
 from gateway.api.dispatch import EXCEPTION_HANDLERS, GatewayApp
 from gateway.auth.admin import AdminAuth
+from gateway.auth.feed_pruning import FeedPruning
 from gateway.auth.tokens import Authenticator
 from gateway.catalog import Catalog
 from gateway.core.clock import Clock, system_clock
@@ -120,6 +121,7 @@ async def open_gateway(
     # -- background jobs --
     lifecycle.spawn(auth.run_feed())
     lifecycle.spawn(auth.run_last_used())
+    lifecycle.spawn(FeedPruning(store, retention_s=cfg.jobs.change_feed_retention_s, clock=clock).run())
     lifecycle.spawn(provisioner.run_recovery())
     if cfg.jobs.credit_sync_interval_s > 0:
         lifecycle.spawn(credit_sync.run_periodically(cfg.jobs.credit_sync_interval_s))

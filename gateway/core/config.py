@@ -121,6 +121,7 @@ class JobsConfig(_Section):
     credit_sync_interval_s: float = Field(3600, ge=0)
     credit_sync_rate_per_s: float = Field(1, gt=0)
     usage_retention_days: int | None = Field(None, ge=1)
+    change_feed_retention_s: float = Field(3600, ge=1)  # change feed rows older than this are pruned
 
 
 class LoggingConfig(_Section):

@@ -11,6 +11,7 @@ from gateway.store.changes import ChangeFeed
 from gateway.store.connect import connect
 from gateway.store.database import Database
 from gateway.store.keys import KeyRepository
+from gateway.store.leases import JobLeases
 from gateway.store.state import StateRepository
 from gateway.store.tokens import TokenRepository
 from gateway.store.usage import UsageRepository
@@ -28,6 +29,7 @@ class Store:
     audit: AuditRepository
     account: AccountRepository
     usage: UsageRepository
+    leases: JobLeases
 
     @classmethod
     def over(cls, db: Database, clock: Clock = system_clock) -> "Store":
@@ -41,6 +43,7 @@ class Store:
             audit=AuditRepository(db, clock),
             account=AccountRepository(db, clock),
             usage=UsageRepository(db, clock),
+            leases=JobLeases(db),
         )
 
     @classmethod

@@ -179,6 +179,7 @@ def test_tier_falls_back_to_default_tier_when_removed() -> None:
         ("upstream:\n  client: curl\n", r"upstream\.client"),
         ("upstream:\n  stream_idle_timeout_s: 0\n", r"upstream\.stream_idle_timeout_s: .*greater than 0"),
         ("upstream:\n  stream_idle_timeout_s: soon\n", r"upstream\.stream_idle_timeout_s: .*number"),
+        ("jobs:\n  change_feed_retention_s: 0\n", r"jobs\.change_feed_retention_s: .*greater than or equal to 1"),
         ("server:\n  shutdown_grace_s: -1\n", r"server\.shutdown_grace_s: .*greater than or equal to 0"),
         ("server:\n  request_timeout_s: 0\n", r"server\.request_timeout_s: .*greater than 0"),
         ("accounting:\n  low_balance_usd: lots\n", r"accounting\.low_balance_usd"),
