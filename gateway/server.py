@@ -32,7 +32,7 @@ class GracefulServer(uvicorn.Server):
             self._captured_signals = [s for s in self._captured_signals if s != signal.SIGTERM]
 
 
-def _uvicorn_config(app: Any, host: str, port: int, grace_s: float = GRACEFUL_SHUTDOWN_S,
+def _uvicorn_config(app: Any, host: str, port: int, grace_s: int = GRACEFUL_SHUTDOWN_S,
                     **extra: Any) -> uvicorn.Config:
     return uvicorn.Config(
         app,

@@ -33,7 +33,7 @@ class ServerConfig(_Section):
     workers: int = Field(1, ge=1)
     max_body_bytes: int = Field(10 * 1024 * 1024, ge=1024)
     request_timeout_s: float = Field(600, gt=0)  # bounds a whole request, a stream's total time included
-    shutdown_grace_s: float = Field(30, ge=0)  # SIGTERM: streams drain this long, then end with an SSE error
+    shutdown_grace_s: int = Field(30, ge=0)  # SIGTERM: streams drain this long, then end with an SSE error
     cors_origins: list[str] = []
     data_dir: str = "data"
 

@@ -16,7 +16,7 @@ import pytest
 from tests.conftest import Emulator, start_gateway
 from tests.e2e.test_faults_e2e import CHAT, UNLIMITED, poll, sqlite_rows
 
-GRACE_S = 1.5
+GRACE_S = 2
 
 
 @pytest.fixture
@@ -72,7 +72,7 @@ def stop_with_streams_open(tmp_path: Any, emulator: Emulator, workers: int) -> d
                 "accounting": {"generation_lookup": {"first_delay_s": 0.2}}}
     gw = start_gateway(tmp_path, emulator, settings)
     account = gw.create_user(tier="starter", key=emulator.new_key())
-    short, long = Stream(gw.url, account["token"], 3), Stream(gw.url, account["token"], 200)  # ~1 s, ~50 s
+    short, long = Stream(gw.url, account["token"], 3), Stream(gw.url, account["token"], 200)  # ~0.8 s, ~50 s
     poll(lambda: len(short.events) >= 1 and len(long.events) >= 1)
     gw.process.send_signal(signal.SIGTERM)
     sent = time.monotonic()
