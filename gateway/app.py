@@ -123,6 +123,7 @@ async def open_gateway(
     lifecycle.spawn(auth.run_last_used())
     lifecycle.spawn(FeedPruning(store, retention_s=cfg.jobs.change_feed_retention_s, clock=clock).run())
     lifecycle.spawn(provisioner.run_recovery())
+    lifecycle.spawn(provisioner.run_retirement())
     if cfg.jobs.credit_sync_interval_s > 0:
         lifecycle.spawn(credit_sync.run_periodically(cfg.jobs.credit_sync_interval_s))
     if accounting:

@@ -124,6 +124,10 @@ class JobsConfig(_Section):
     change_feed_retention_s: float = Field(3600, ge=1)  # change feed rows older than this are pruned
 
 
+class KeysConfig(_Section):
+    rotation_grace_s: float = Field(60, ge=0)  # a rotated-out managed key stays valid this long (0: deleted at once)
+
+
 class LoggingConfig(_Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
     access_log: bool = True
@@ -140,6 +144,7 @@ class Config(_Section):
     tiers: dict[str, TierConfig] = Field(default_factory=_default_tiers)
     default_tier: str = "trial"
     jobs: JobsConfig = JobsConfig()
+    keys: KeysConfig = KeysConfig()
     logging: LoggingConfig = LoggingConfig()
 
     def model_post_init(self, _context: Any) -> None:
