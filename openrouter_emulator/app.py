@@ -249,7 +249,7 @@ class EmulatorApp:
         state.last_request = (API_PREFIX + path, shown, request.body)
         delay = state.take_delay(path)
         if delay is not None and delay.delay_ms:
-            await asyncio.sleep(delay.delay_ms / 1000)
+            await self._delay(request, delay.delay_ms / 1000)
         failure = state.take_failure(path)
         if failure is not None:
             if failure.delay_ms:
@@ -263,6 +263,19 @@ class EmulatorApp:
             known = any(r == route for _, r in self.routes)
             raise EmulatorError(405 if known else 404, "Method Not Allowed" if known else "Not Found")
         return await handler(request)
+
+    async def _delay(self, request: Request, seconds: float) -> None:
+        """An injected delay. A caller that hangs up meanwhile is noted (``left_during_delay``) and the work
+        goes on: OpenRouter bills a non-streamed generation whose caller left (OPENROUTER.md §3)."""
+        hung_up = asyncio.ensure_future(request.receive())
+        started = time.monotonic()
+        try:
+            done, _ = await asyncio.wait({hung_up}, timeout=seconds)
+            if done and hung_up.result().get("type") == "http.disconnect":
+                self.state.left_during_delay.append(time.time())
+                await asyncio.sleep(max(0.0, seconds - (time.monotonic() - started)))
+        finally:
+            hung_up.cancel()
 
     @staticmethod
     def _injected_error(plan: Plan) -> EmulatorError:

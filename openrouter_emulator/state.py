@@ -315,6 +315,7 @@ class EmulatorState:
     def _reset_counters(self) -> None:
         self.models_fetches = 0
         self.generation_lookups = 0
+        self.left_during_delay: list[float] = []  # when a caller hung up during an injected delay (epoch s)
         self.requests: dict[str, int] = {}
         self.last_request: tuple[str, dict[str, str], bytes] | None = None
         self.last_stream: StreamRecord | None = None  # the most recently started streamed response
@@ -453,4 +454,5 @@ class EmulatorState:
             "models_fetches": self.models_fetches, "generation_lookups": self.generation_lookups,
             "requests": dict(self.requests), "keys": [k.hash for k in self.inference_keys()],
             "generations": len(self.generations), "last_request": last,
+            "left_during_delay": list(self.left_during_delay),
         }

@@ -163,18 +163,27 @@ class Ledger:
             return len(records)
 
     async def run_writer(self) -> None:
-        """Flush every `flush_interval_ms` (or as soon as something is queued when it is 0)."""
+        """Flush every `flush_interval_ms` (or as soon as something is queued when it is 0).
+
+        Flushes start on a fixed cadence, each one early by the time the last write took, so a record is
+        committed about `flush_interval_ms` after it was queued (sleeping a full interval after each write
+        made it the interval plus the write: kill -9 lost records older than promised)."""
+        loop = asyncio.get_running_loop()
+        next_at = loop.time() + self.flush_interval_s
         while True:
             if self.flush_interval_s == 0:
                 await self._wake.wait()
                 self._wake.clear()
             else:
-                await asyncio.sleep(self.flush_interval_s)
+                await asyncio.sleep(max(0.0, next_at - loop.time()))
+            started = loop.time()
             try:
                 await self.flush()
             except Exception:
                 log.exception("writing usage records failed; they stay queued and are retried")
                 await asyncio.sleep(max(self.flush_interval_s, 0.5))
+            took = loop.time() - started
+            next_at = started + max(self.flush_interval_s - took, 0.0)
 
     async def run_retention(self, days: int, *, every_s: float = 3600) -> None:
         """`jobs.usage_retention_days`: drop finished records older than that, hourly."""

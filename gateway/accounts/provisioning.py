@@ -10,7 +10,7 @@ unique upstream name `gateway:<user>:<nonce>`, and advance it step by step:
   creating  → the POST was (maybe) sent; the new key's hash is not known yet
   created   → the new key's hash and encrypted secret are recorded
   swapped   → the new key is the user's key (one transaction with `provider_keys`)
-  (row deleted once the replaced key is deleted upstream)
+  (row deleted once the replaced key is retired: deleted upstream after its grace)
 
 Whatever step a crash interrupts, the row says how to finish: `creating`/`abandoned` is
 rolled back (find the key by its unique name and delete it upstream: its secret was never
@@ -22,12 +22,15 @@ abandoned ones every `recovery_interval_s`. Every step is a compare-and-set and 
 upstream delete is idempotent, so two actors finishing the same operation agree.
 
 Requests in flight during a rotation finish on the old key: they hold its decrypted secret
-in their `Principal`; the auth cache drops the user's entry at the swap.
+in their `Principal`; the auth cache drops the user's entry at the swap, and the old key is
+deleted upstream only `keys.rotation_grace_s` later (stored in `retired_keys` before the
+operation row goes, so a restart still deletes it).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import secrets
 import weakref
@@ -35,7 +38,7 @@ from decimal import Decimal, InvalidOperation
 from typing import Any, Callable
 
 from gateway.accounts.byok import describe_key
-from gateway.core.clock import Clock, parse_iso, system_clock
+from gateway.core.clock import Clock, iso, parse_iso, system_clock
 from gateway.core.config import Config
 from gateway.core.errors import BadRequest, Conflict, NotFound
 from gateway.security.vault import Vault, mask_key
@@ -91,6 +94,7 @@ class Provisioner:
         self._forget_user = forget_user
         self.stale_after_s = stale_after_s
         self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
+        self._retiring = asyncio.Event()  # a key was retired: the retirement job looks again
 
     def _lock(self, user_id: str) -> asyncio.Lock:
         lock = self._locks.get(user_id)
@@ -259,11 +263,50 @@ class Provisioner:
                 await self.key_api.delete(op["new_hash"])
                 outcome = "rolled_back"
         if outcome == "completed" and op["old_hash"]:
-            await self.key_api.delete(op["old_hash"])
+            await self._retire(user_id, op["old_hash"])
         await self.ops.finish(user_id, name)
         if audit:
             await self._audit_recovery(op, outcome, actor)
         return outcome
+
+    async def _retire(self, user_id: str, old_hash: str) -> None:
+        """The replaced key stays valid upstream for `keys.rotation_grace_s` (requests in flight hold it), then
+        `run_retirement` deletes it; the row is stored before the operation finishes, so a crash loses nothing."""
+        grace = self.config.keys.rotation_grace_s
+        if grace <= 0:
+            await self.key_api.delete(old_hash)
+            return
+        await self.ops.retire(user_id, old_hash, delete_after_iso=iso(self._clock() + grace))
+        self._retiring.set()
+
+    async def delete_retired(self) -> float | None:
+        """Delete upstream the retired keys whose grace is over; when the next one is due (None: none left)."""
+        now = self._clock()
+        for row in await self.ops.retired():
+            due = parse_iso(row["delete_after"])
+            if due > now:
+                return due
+            await self.key_api.delete(row["upstream_hash"])
+            await self.ops.forget_retired(row["upstream_hash"])
+            log.info("deleted the rotated-out managed key %s of user %s after its grace", row["upstream_hash"],
+                     row["user_id"])
+        return None
+
+    async def run_retirement(self, idle_s: float = 60.0) -> None:
+        """Delete rotated-out keys as their grace ends (also those a restart or another instance left)."""
+        while True:
+            wait = idle_s
+            self._retiring.clear()
+            if self.key_api.configured:
+                try:
+                    due = await self.delete_retired()
+                    if due is not None:
+                        wait = min(idle_s, max(0.05, due - self._clock()))
+                except Exception as exc:
+                    log.warning("deleting rotated-out managed keys failed (%s); retrying",
+                                getattr(exc, "message", type(exc).__name__))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._retiring.wait(), wait)
 
     async def _roll_back(self, user_id: str, name: str) -> None:
         await self.ops.abandon(user_id, name)

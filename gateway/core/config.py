@@ -32,7 +32,8 @@ class ServerConfig(_Section):
     port: int = Field(8080, ge=0, le=65535)
     workers: int = Field(1, ge=1)
     max_body_bytes: int = Field(10 * 1024 * 1024, ge=1024)
-    request_timeout_s: float = Field(600, gt=0)
+    request_timeout_s: float = Field(600, gt=0)  # bounds a whole request, a stream's total time included
+    shutdown_grace_s: int = Field(30, ge=0)  # SIGTERM: streams drain this long, then end with an SSE error
     cors_origins: list[str] = []
     data_dir: str = "data"
 
@@ -68,6 +69,7 @@ class UpstreamConfig(_Section):
     app_title: str | None = None
     connect_timeout_s: float = Field(10, gt=0)
     read_timeout_s: float = Field(600, gt=0)
+    stream_idle_timeout_s: float = Field(120, gt=0)  # the longest gap between two chunks of a stream
     retries: int = Field(3, ge=0, le=10)
     backoff_base_s: float = Field(1, ge=0)
     backoff_max_s: float = Field(30, ge=0)
@@ -119,6 +121,11 @@ class JobsConfig(_Section):
     credit_sync_interval_s: float = Field(3600, ge=0)
     credit_sync_rate_per_s: float = Field(1, gt=0)
     usage_retention_days: int | None = Field(None, ge=1)
+    change_feed_retention_s: float = Field(3600, ge=1)  # change feed rows older than this are pruned
+
+
+class KeysConfig(_Section):
+    rotation_grace_s: float = Field(60, ge=0)  # a rotated-out managed key stays valid this long (0: deleted at once)
 
 
 AlertEvent = Literal["budget.threshold", "credits.low", "key.disabled", "emergency_stop.changed"]
@@ -182,6 +189,7 @@ class Config(_Section):
     tiers: dict[str, TierConfig] = Field(default_factory=_default_tiers)
     default_tier: str = "trial"
     jobs: JobsConfig = JobsConfig()
+    keys: KeysConfig = KeysConfig()
     logging: LoggingConfig = LoggingConfig()
     alerts: AlertsConfig = AlertsConfig()
 

@@ -9,10 +9,11 @@ protocols (`Admission`, `Recorder`) so this module never imports them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import secrets
 import time
-from typing import Callable
+from typing import Callable, Iterator
 
 import orjson
 
@@ -30,7 +31,7 @@ from gateway.core.errors import (
 )
 from gateway.core.metrics import Metrics
 from gateway.proxy.body import read_body
-from gateway.proxy.sse import Observation, StreamObserver, observe_body
+from gateway.proxy.sse import Observation, StreamObserver, error_event, observe_body
 from gateway.proxy.stop import EmergencyStop
 from gateway.proxy.types import (
     Admission,
@@ -52,6 +53,7 @@ from gateway.upstream.client import (
     UpstreamClient,
     UpstreamConnectionError,
     UpstreamResponse,
+    header,
 )
 
 log = logging.getLogger("gateway.proxy.endpoint")
@@ -128,10 +130,14 @@ class ProxyEndpoint:
         preparer: BodyPreparer | None = None,
         streams: dict[str, StreamInFlight] | None = None,
         clock: Callable[[], float] = time.time,
+        request_timeout_s: float = 600,
+        stream_idle_timeout_s: float = 120,
         metrics: Metrics | None = None,
     ) -> None:
         self.endpoint = endpoint
         self.metrics = metrics or Metrics()
+        self.request_timeout_s = request_timeout_s
+        self.stream_idle_timeout_s = stream_idle_timeout_s
         self.auth = auth
         self.upstream = upstream
         self.stop = stop
@@ -238,68 +244,92 @@ class ProxyEndpoint:
         self, scope: Scope, receive: Receive, send: Send, principal: Principal, request: ProxyRequest, ticket: Ticket
     ) -> None:
         """Forward, pass the answer through, then price what reached the upstream once: the recorder and the
-        ticket get the same charge (the ticket lets go with None when nothing was generated)."""
+        ticket get the same charge (the ticket lets go with None when nothing was generated).
+
+        Bounded: the whole request by `request_timeout_s`, the gaps of a stream by `stream_idle_timeout_s`.
+        A client that leaves closes the upstream call at once; one watcher task per request is how ASGI
+        tells of it. A generation the upstream may bill is recorded whenever its id is known."""
         assert principal.key is not None
         observation = Observation()
         charge: Charge | None = None
+        deadline = asyncio.get_running_loop().time() + self.request_timeout_s
+        watcher = asyncio.create_task(_wait_disconnect(receive))
+        response: UpstreamResponse | None = None
         metrics = self.metrics
+        sent = self.clock()
         try:
-            sent = self.clock()
             try:
-                response = await self.upstream.open(
-                    "POST", self.endpoint, key=principal.key.secret, body=request.raw,
-                    headers=self._upstream_headers(scope),
-                )
-            except UpstreamConnectionError as exc:
-                metrics.observe_upstream_error("connection", sent, str(exc))
-                await send_error(send, upstream_failure(exc), request.request_id)
+                with _leaving_cancels(watcher):
+                    async with asyncio.timeout_at(deadline):
+                        response = await self.upstream.open(
+                            "POST", self.endpoint, key=principal.key.secret, body=request.raw,
+                            headers=self._upstream_headers(scope),
+                        )
+                        request.status = response.status
+                        request.first_byte = self.clock()
+                        if response.status >= 400:
+                            metrics.observe_upstream_error(_error_kind(response.status), sent,
+                                                           f"{response.status} from {self.endpoint}")
+                        observation.generation_id = header(response, "x-generation-id")
+                        is_sse = request.status == 200 and (header(response, "content-type") or "").startswith(
+                            "text/event-stream")
+                        raw = None if is_sse else await response.read()
+            except (UpstreamConnectionError, TimeoutError, asyncio.CancelledError) as exc:
+                if isinstance(exc, UpstreamConnectionError):
+                    metrics.observe_upstream_error("broken" if request.status else "connection", sent, str(exc))
+                error = self._ended_early(exc, watcher, request, observation)
+                if error is not None:
+                    await send_error(send, error, request.request_id)
                 return
-            request.status = response.status
-            request.first_byte = self.clock()
-            if response.status >= 400:
-                metrics.observe_upstream_error(_error_kind(response.status), sent,
-                                               f"{response.status} from {self.endpoint}")
-            generation_id = None
             out_headers = [(b"x-request-id", request.request_id.encode())]
-            for name, value in response.headers:
-                if name not in DROPPED_RESPONSE_HEADERS:
-                    out_headers.append((name.encode("latin-1"), value.encode("latin-1")))
-                if name == "x-generation-id":
-                    generation_id = value
-            observation.generation_id = generation_id
-            is_sse = any(n == "content-type" and v.startswith("text/event-stream") for n, v in response.headers)
-            try:
-                if response.status == 200 and is_sse:
-                    await self._pass_stream(receive, send, principal, request, response, out_headers, observation)
-                else:
-                    await self._pass_body(send, request, response, out_headers, observation)
-            finally:
-                await response.close()
-                request.ended = self.clock()
-                if response.status == 200 or observation.generation_id:
-                    charge = self.pricing.charge(principal, request, observation)
-                    self.recorder.record(principal, request, observation, charge)
-                # overhead: the whole request less the time spent waiting on the upstream
-                metrics.observe_proxy(request.first_byte - sent, (sent - request.started) + (self.clock() - request.ended))
+            out_headers.extend((name.encode("latin-1"), value.encode("latin-1"))
+                               for name, value in response.headers if name not in DROPPED_RESPONSE_HEADERS)
+            if raw is None:
+                await self._pass_stream(send, principal, request, response, out_headers, observation, watcher,
+                                        deadline)
+            else:
+                await self._pass_body(send, request, response, raw, out_headers, observation)
         finally:
+            if not watcher.done():
+                watcher.cancel()
+            if response is not None:
+                await response.close()
+            request.ended = self.clock()
+            if request.status == 200 or observation.generation_id:
+                charge = self.pricing.charge(principal, request, observation)
+                self.recorder.record(principal, request, observation, charge)
+            if request.first_byte is not None:  # overhead: the whole request less the wait on the upstream
+                metrics.observe_proxy(request.first_byte - sent, (sent - request.started) + (self.clock() - request.ended))
             ticket.release(charge)
+
+    def _ended_early(self, exc: BaseException, watcher: asyncio.Task[None], request: ProxyRequest,
+                     observation: Observation) -> GatewayError | None:
+        """Before a byte reached the client: the error to answer with (None when the client has left)."""
+        if isinstance(exc, UpstreamConnectionError):
+            error = upstream_failure(exc)
+        elif isinstance(exc, TimeoutError):
+            error = GatewayTimeout(f"OpenRouter did not finish within {self.request_timeout_s:g} s "
+                                   "(server.request_timeout_s)." + MAY_HAVE_RUN)
+        else:  # cancelled: the client left, or the server's shutdown grace ran out
+            _uncancel()
+            if watcher.done():
+                request.cancelled = True
+                return None
+            error = ServiceUnavailable("The gateway is shutting down." + MAY_HAVE_RUN, headers={"retry-after": "1"})
+        if request.status == 200:  # headers came but not the whole body: a generation to look up
+            request.cancelled, observation.finish_reason = True, "error"
+        request.status = error.status
+        return error
 
     async def _pass_body(
         self,
         send: Send,
         request: ProxyRequest,
         response: UpstreamResponse,
+        raw: bytes,
         headers: list[tuple[bytes, bytes]],
         observation: Observation,
     ) -> None:
-        try:
-            raw = await response.read()
-        except UpstreamConnectionError as exc:
-            error = upstream_failure(exc)
-            request.status = error.status
-            self.metrics.observe_upstream_error("broken", self.clock(), str(exc))
-            await send_error(send, error, request.request_id)
-            return
         if response.status >= 400:
             raw = upstream_error_body(response.status, raw)
             headers = [(n, v) for n, v in headers if n != b"content-type"]
@@ -312,46 +342,95 @@ class ProxyEndpoint:
 
     async def _pass_stream(
         self,
-        receive: Receive,
         send: Send,
         principal: Principal,
         request: ProxyRequest,
         response: UpstreamResponse,
         headers: list[tuple[bytes, bytes]],
         observation: Observation,
+        watcher: asyncio.Task[None],
+        deadline: float,
     ) -> None:
-        """Write each chunk as it arrives; a client that goes away closes the upstream at once."""
+        """Write each chunk as it arrives. A client that goes away closes the upstream at once; a stream the
+        gateway cuts (an idle gap, the total time, the shutdown grace) ends with an SSE error event."""
         observer = StreamObserver(observation)
         stream_id = request.request_id
         self.streams[stream_id] = StreamInFlight(principal.user_id, request.model, request.started, observation)
         await send({"type": "http.response.start", "status": 200, "headers": headers})
-        pump = asyncio.create_task(_pump(send, response, observer, self.metrics, self.clock))
-        watcher = asyncio.create_task(_wait_disconnect(receive))
+        pump = _Pump(send, response, observer, self.metrics)
+        pumping = asyncio.create_task(pump.run())
+        cut: tuple[int, str, str] | None = None
+        client_left = False
         try:
-            done, _ = await asyncio.wait((pump, watcher), return_when=asyncio.FIRST_COMPLETED)
+            cut = await self._watch(pumping, watcher, pump, deadline)
+            client_left = cut is None and not pumping.done()
+        except asyncio.CancelledError:  # the server's shutdown grace ran out: end the stream properly
+            _uncancel()
+            cut = (503, "The gateway is shutting down; the stream was ended.", "server_shutdown")
         finally:
-            for task in (pump, watcher):
+            for task in (pumping, watcher):
                 if not task.done():
                     task.cancel()
-            await asyncio.gather(pump, watcher, return_exceptions=True)
+            await asyncio.gather(pumping, watcher, return_exceptions=True)
             self.streams.pop(stream_id, None)
             observer.finish()
-        if pump not in done:
+        if client_left:
             request.cancelled = True
             return
+        if cut is not None:
+            code, message, kind = cut
+            request.cancelled = True
+            observation.finish_reason = "error"
+            observation.error = {"code": code, "message": message}
+            event = error_event(observation, self.endpoint, code, message, kind, self.clock())
+            await send({"type": "http.response.body", "body": pump.event_break() + event, "more_body": True})
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
+    async def _watch(self, pumping: asyncio.Task[None], watcher: asyncio.Task[None], pump: _Pump,
+                     deadline: float) -> tuple[int, str, str] | None:
+        """Wait for the stream to end or the client to leave; the bounds are checked only when a wait runs
+        out (one timer per idle period, none per chunk): the error to end the stream with, if cut."""
+        loop = asyncio.get_running_loop()
+        while True:
+            now = loop.time()
+            idle_at = pump.last + self.stream_idle_timeout_s
+            if now >= deadline:
+                return 504, (f"The stream ran longer than {self.request_timeout_s:g} s "
+                             "(server.request_timeout_s); the gateway ended it."), "timeout"
+            if now >= idle_at:
+                return 504, (f"OpenRouter sent nothing for {self.stream_idle_timeout_s:g} s "
+                             "(upstream.stream_idle_timeout_s); the gateway ended the stream."), "timeout"
+            done, _ = await asyncio.wait((pumping, watcher), timeout=min(idle_at, deadline) - now,
+                                         return_when=asyncio.FIRST_COMPLETED)
+            if done:
+                return None
 
-async def _pump(send: Send, response: UpstreamResponse, observer: StreamObserver, metrics: Metrics,
-                clock: Callable[[], float]) -> None:
-    try:
-        async for chunk in response.chunks():
-            observer.feed(chunk)
-            await send({"type": "http.response.body", "body": chunk, "more_body": True})
-    except UpstreamConnectionError as exc:
-        # Bytes already reached the client: the stream just ends; accounting still sees it.
-        log.warning("upstream stream broke mid-way: %s", exc)
-        metrics.observe_upstream_error("broken", clock(), str(exc))
+
+class _Pump:
+    """Copies the upstream stream to the client, noting when it last waited for the upstream."""
+
+    __slots__ = ("send", "response", "observer", "metrics", "last", "_tail")
+
+    def __init__(self, send: Send, response: UpstreamResponse, observer: StreamObserver, metrics: Metrics) -> None:
+        self.send, self.response, self.observer, self.metrics = send, response, observer, metrics
+        self.last = asyncio.get_running_loop().time()
+        self._tail = b"\n\n"
+
+    async def run(self) -> None:
+        now = asyncio.get_running_loop().time
+        try:
+            async for chunk in self.response.chunks():
+                self.observer.feed(chunk)
+                await self.send({"type": "http.response.body", "body": chunk, "more_body": True})
+                self.last, self._tail = now(), chunk
+        except UpstreamConnectionError as exc:
+            # Bytes already reached the client: the stream just ends; accounting still sees it.
+            log.warning("upstream stream broke mid-way: %s", exc)
+            self.metrics.observe_upstream_error("broken", time.time(), str(exc))
+
+    def event_break(self) -> bytes:
+        """What ends the event the client has half received, so an appended event parses on its own."""
+        return b"" if self._tail.endswith(b"\n\n") else b"\n\n"
 
 
 def _error_kind(status: int) -> str:
@@ -376,6 +455,33 @@ def refused_limit(error: GatewayError) -> str | None:
 async def _wait_disconnect(receive: Receive) -> None:
     while (await receive())["type"] != "http.disconnect":
         pass
+
+
+@contextlib.contextmanager
+def _leaving_cancels(watcher: asyncio.Task[None]) -> Iterator[None]:
+    """While inside, the client leaving (the watcher ending) cancels the current task: the upstream call it
+    awaits is closed at once."""
+    task = asyncio.current_task()
+    assert task is not None
+    active = True
+
+    def cancel(_: object) -> None:
+        if active and not watcher.cancelled():
+            task.cancel()
+
+    watcher.add_done_callback(cancel)
+    try:
+        yield
+    finally:
+        active = False
+        watcher.remove_done_callback(cancel)
+
+
+def _uncancel() -> None:
+    """A cancellation the proxy handled (it answered the client): the task carries on as not cancelled."""
+    task = asyncio.current_task()
+    if task is not None:
+        task.uncancel()
 
 
 MAY_HAVE_RUN = (

@@ -216,3 +216,20 @@ def observe_body(raw: bytes, observation: Observation | None = None) -> Observat
 
 def _str(value: Any) -> str | None:
     return value if isinstance(value, str) and value else None
+
+
+def error_event(observation: Observation, endpoint: str, code: int, message: str, error_type: str,
+                now: float) -> bytes:
+    """The event that ends a stream the gateway cuts (a timeout, shutdown), in OpenRouter's mid-stream error
+    shape (a top-level `error` beside the chunk fields and a terminating choice), so SDKs that understand
+    OpenRouter's own mid-stream errors understand ours."""
+    chat = endpoint != "/completions"
+    choice: dict[str, Any] = {"index": 0, "finish_reason": "error"}
+    choice.update({"delta": {"content": ""}} if chat else {"text": ""})
+    event: dict[str, Any] = {
+        "id": observation.generation_id, "object": "chat.completion.chunk" if chat else "text_completion",
+        "created": int(now), "model": observation.model, "provider": observation.provider,
+        "error": {"code": code, "message": message, "metadata": {"error_type": error_type}},
+        "choices": [choice],
+    }
+    return b"data: " + orjson.dumps({k: v for k, v in event.items() if v is not None}) + b"\n\n"

@@ -12,6 +12,7 @@ from gateway.store.changes import ChangeFeed
 from gateway.store.connect import connect
 from gateway.store.database import Database
 from gateway.store.keys import KeyRepository
+from gateway.store.leases import JobLeases
 from gateway.store.state import StateRepository
 from gateway.store.tokens import TokenRepository
 from gateway.store.usage import UsageRepository
@@ -30,6 +31,7 @@ class Store:
     account: AccountRepository
     usage: UsageRepository
     alerts: AlertRepository
+    leases: JobLeases
 
     @classmethod
     def over(cls, db: Database, clock: Clock = system_clock) -> "Store":
@@ -44,6 +46,7 @@ class Store:
             account=AccountRepository(db, clock),
             usage=UsageRepository(db, clock),
             alerts=AlertRepository(db, clock),
+            leases=JobLeases(db),
         )
 
     @classmethod

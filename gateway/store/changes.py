@@ -30,5 +30,6 @@ class ChangeFeed:
             "SELECT seq, kind, subject FROM changes WHERE seq > ? ORDER BY seq", (max(0, seq - WINDOW),)
         )
 
-    async def prune(self, before_iso: str) -> None:
-        await self._db.execute("DELETE FROM changes WHERE created_at < ?", (before_iso,))
+    async def prune(self, before_iso: str) -> int:
+        """Drop the rows written before `before_iso` (an instance reads only what is seconds old)."""
+        return await self._db.execute("DELETE FROM changes WHERE created_at < ?", (before_iso,))

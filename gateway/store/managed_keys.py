@@ -105,3 +105,16 @@ class ManagedKeyOperations:
         await self._db.execute(
             "DELETE FROM managed_key_operations WHERE user_id = ? AND upstream_name = ?", (user_id, upstream_name)
         )
+
+    # -- keys a rotation replaced, deleted upstream after their grace ------------------
+
+    async def retire(self, user_id: str, upstream_hash: str, *, delete_after_iso: str) -> None:
+        await self._db.execute(
+            "INSERT INTO retired_keys (upstream_hash, user_id, delete_after) VALUES (?, ?, ?)"
+            " ON CONFLICT (upstream_hash) DO NOTHING", (upstream_hash, user_id, delete_after_iso))
+
+    async def retired(self) -> list[Row]:
+        return await self._db.fetchall("SELECT * FROM retired_keys ORDER BY delete_after")
+
+    async def forget_retired(self, upstream_hash: str) -> None:
+        await self._db.execute("DELETE FROM retired_keys WHERE upstream_hash = ?", (upstream_hash,))

@@ -57,8 +57,11 @@ class World:
         self.forgotten: list[str] = []
         self.prov = self.provisioner()
 
-    def provisioner(self, management_key: str | None = DEMO_MANAGEMENT_KEY, upstream: Any = None) -> Provisioner:
-        return Provisioner(self.store, self.vault, KeyApi(upstream or self.upstream, management_key), Config(),
+    def provisioner(self, management_key: str | None = DEMO_MANAGEMENT_KEY, upstream: Any = None,
+                    rotation_grace_s: float = 0) -> Provisioner:
+        """Grace 0 (the old key deleted at once) unless a test is about the grace."""
+        config = Config.model_validate({"keys": {"rotation_grace_s": rotation_grace_s}})
+        return Provisioner(self.store, self.vault, KeyApi(upstream or self.upstream, management_key), config,
                            clock=self.clock, forget_user=self.forgotten.append)
 
     def fail(self, path: str, status: int, times: int = 1) -> None:
@@ -224,6 +227,26 @@ async def test_rotate_swaps_in_a_new_key_and_deletes_the_old_one(world: World) -
     assert keys[new["upstream_hash"]].limit == Decimal("20") and new["limit_usd"] == "20"
     assert "key.managed.rotate" in await audit_actions(world)
     assert await world.prov.ops.all() == []
+
+
+@pytest.mark.anyio
+async def test_a_rotated_out_key_stays_usable_for_the_grace_then_is_deleted_even_after_a_restart(
+        world: World) -> None:
+    prov = world.provisioner(rotation_grace_s=60)
+    await prov.provision("u1", actor="admin")
+    old = await world.local()
+    await prov.rotate("u1", actor="admin")
+    new = await world.local()
+    assert {old["upstream_hash"], new["upstream_hash"]} <= set(world.upstream_keys())  # both valid now
+    assert await prov.ops.all() == []  # the operation is done; the retirement is stored apart
+    world.clock.now += 59
+    assert await prov.delete_retired() == world.clock.now + 1  # not yet: due in a second
+    assert old["upstream_hash"] in world.upstream_keys()
+    world.clock.now += 2
+    restarted = world.provisioner(rotation_grace_s=60)  # a new process finishes what the old one left
+    assert await restarted.delete_retired() is None
+    assert old["upstream_hash"] not in world.upstream_keys() and new["upstream_hash"] in world.upstream_keys()
+    assert await restarted.ops.retired() == []
 
 
 @pytest.mark.anyio

@@ -32,8 +32,9 @@ def pair(emulator: Emulator, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     tmp = tmp_path_factory.mktemp("admin-keys")
     env = {"GATEWAY_UPSTREAM__MANAGEMENT_KEY": DEMO_MANAGEMENT_KEY}
     tiers = {**_unlimited_tiers(), "starter": {"markup_pct": "10", "monthly_budget_usd": "50"}}
-    first = start_gateway(tmp, emulator, {"tiers": tiers}, extra_env=env)
-    second = start_gateway(tmp, emulator, {"tiers": tiers}, extra_env=env)
+    settings = {"tiers": tiers, "keys": {"rotation_grace_s": 0}}  # the grace has its own test
+    first = start_gateway(tmp, emulator, settings, extra_env=env)
+    second = start_gateway(tmp, emulator, settings, extra_env=env)
     assert DEMO_MANAGEMENT_KEY not in first.config_file.read_text()
     try:
         yield first, second
@@ -326,7 +327,7 @@ def test_cli_manages_keys(emulator: Emulator, tmp_path: Path, monkeypatch: pytes
     from gateway.cli.main import main
     from tests.conftest import write_config
 
-    config = str(write_config(tmp_path, emulator))
+    config = str(write_config(tmp_path, emulator, {"keys": {"rotation_grace_s": 0}}))  # the grace: test_faults_e2e
     monkeypatch.setenv("GATEWAY_UPSTREAM__MANAGEMENT_KEY", DEMO_MANAGEMENT_KEY)
 
     def run(*argv: str) -> Any:

@@ -352,3 +352,45 @@ def test_a_missing_or_wrong_master_key_is_refused_never_replaced(tmp_path, emula
 
     key_file.write_text(original)  # the right one: works again
     assert gateway("users", "list").returncode == 0
+
+
+# ---------------------------------------------------------------- (9) a rotated-out key keeps working for its grace
+
+
+def test_a_rotated_out_managed_key_serves_requests_in_flight_then_is_deleted_after_a_restart(tmp_path, emulator):
+    import httpx
+    from openrouter_emulator.app import DEMO_MANAGEMENT_KEY
+
+    env = {"GATEWAY_UPSTREAM__MANAGEMENT_KEY": DEMO_MANAGEMENT_KEY}
+    settings = {"tiers": UNLIMITED, "keys": {"rotation_grace_s": 3}}
+    gw = start_gateway(tmp_path, emulator, settings, extra_env=env)
+    user = gw.admin.post("/admin/v1/users", json={"tier": "starter"}).json()
+    assert gw.admin.post(f"/admin/v1/users/{user['id']}/managed-key", json={}).status_code == 201
+    token = gw.admin.post(f"/admin/v1/users/{user['id']}/tokens", json={}).json()["token"]
+
+    def key_exists(key_hash: str) -> bool:
+        return httpx.get(f"{emulator.base_url}/keys/{key_hash}", timeout=5,
+                         headers={"Authorization": f"Bearer {DEMO_MANAGEMENT_KEY}"}).status_code == 200
+
+    old_hash = sqlite_rows(tmp_path / "gateway.db", "SELECT upstream_hash FROM provider_keys")[0][0]
+    emulator.control("stream", {"chunk_delay_ms": 100})
+    try:
+        lines: list[str] = []
+        with gw.client(token) as client, client.stream(
+                "POST", "/v1/chat/completions", json={**CHAT, "stream": True, "max_tokens": 10}) as stream:
+            rotated = gw.admin.post(f"/admin/v1/users/{user['id']}/managed-key/rotate")  # mid-stream
+            lines.extend(stream.iter_lines())
+    finally:
+        emulator.control("stream", {"chunk_delay_ms": 0})
+    assert rotated.status_code == 200, rotated.text
+    assert "data: [DONE]" in lines and not any('"error"' in line for line in lines)  # finished on the old key
+    assert key_exists(old_hash)  # still valid within its grace
+    assert gw.stop() == 0  # stopped before the grace ends: the next start deletes it
+    gw = start_gateway(tmp_path, emulator, settings, extra_env=env)
+    try:
+        poll(lambda: not key_exists(old_hash), timeout=10)
+        with gw.client(token) as client:
+            assert client.post("/v1/chat/completions", json=CHAT).status_code == 200  # on the new key
+    finally:
+        gw.stop()
+    assert sqlite_rows(tmp_path / "gateway.db", "SELECT COUNT(*) FROM retired_keys") == [(0,)]

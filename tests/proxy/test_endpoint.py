@@ -198,7 +198,8 @@ class Client:
 
 class Harness:
     def __init__(self, *responses: FakeResponse | Exception, admission: Admission | None = None,
-                 attribution: dict[str, str] | None = None, max_body_bytes: int = 4096) -> None:
+                 attribution: dict[str, str] | None = None, max_body_bytes: int = 4096,
+                 request_timeout_s: float = 600, stream_idle_timeout_s: float = 120) -> None:
         self.transport = FakeTransport(*responses)
         self.sleeps: list[float] = []
         self.recorder = Recorder()
@@ -221,6 +222,8 @@ class Harness:
             admission=self.admission,
             recorder=self.recorder,
             streams=self.streams,
+            request_timeout_s=request_timeout_s,
+            stream_idle_timeout_s=stream_idle_timeout_s,
         )
 
     async def request(self, body: bytes | list[bytes] = CHAT, *, token: str | None = TOKEN,
@@ -516,6 +519,111 @@ async def test_stream_breaking_mid_way_ends_the_response_and_is_not_retried():
     assert len(harness.transport.sent) == 1 and upstream.closed == 1
     [(_, request, observation)] = harness.recorder.records
     assert not request.cancelled and observation.usage is None
+
+
+class SlowTransport(FakeTransport):
+    """Headers only after `delay` seconds (an upstream still generating a non-streamed answer)."""
+
+    def __init__(self, delay: float, *responses: FakeResponse) -> None:
+        super().__init__(*responses)
+        self.delay, self.cancelled = delay, 0
+
+    async def send(self, method: str, url: str, headers: Any, body: bytes | None) -> FakeResponse:
+        try:
+            await asyncio.sleep(self.delay)
+        except asyncio.CancelledError:
+            self.cancelled += 1
+            raise
+        return await super().send(method, url, headers, body)
+
+
+def cut_event(client: Client) -> dict[str, Any]:
+    last = client.sent[-2]["body"]
+    assert last.startswith(b"data: ") and last.endswith(b"\n\n") and client.sent[-1]["more_body"] is False
+    return orjson.loads(last[6:])
+
+
+@pytest.mark.anyio
+async def test_a_stream_idle_past_its_bound_ends_with_openrouters_mid_stream_error():
+    upstream = sse(STREAM[:2], live=True)  # the upstream stalls after two chunks
+    harness = Harness(upstream, stream_idle_timeout_s=0.05)
+    client = await asyncio.wait_for(harness.request(orjson.dumps({"model": "m", "stream": True})), 5)
+    event = cut_event(client)
+    assert event["error"]["code"] == 504 and "upstream.stream_idle_timeout_s" in event["error"]["message"]
+    assert event["error"]["metadata"] == {"error_type": "timeout"} and event["id"] == "gen-2"
+    assert event["choices"] == [{"index": 0, "finish_reason": "error", "delta": {"content": ""}}]
+    assert event["object"] == "chat.completion.chunk" and event["model"] == "openai/gpt-4o-mini"
+    assert upstream.closed == 1 and harness.streams == {}
+    [(_, request, observation)] = harness.recorder.records
+    assert request.cancelled and observation.finish_reason == "error" and observation.generation_id == "gen-2"
+
+
+@pytest.mark.anyio
+async def test_a_stream_whose_chunks_keep_coming_is_cut_at_the_request_timeout():
+    upstream = sse([STREAM[0]], live=True)
+    harness = Harness(upstream, request_timeout_s=0.3, stream_idle_timeout_s=0.1)
+
+    async def trickle() -> None:  # a chunk every 20 ms, never idle, never done
+        while True:
+            await asyncio.sleep(0.02)
+            upstream.queue.put_nowait(STREAM[0])
+
+    feeding = asyncio.create_task(trickle())
+    try:
+        client = await asyncio.wait_for(harness.request(orjson.dumps({"model": "m", "stream": True})), 5)
+    finally:
+        feeding.cancel()
+    event = cut_event(client)
+    assert event["error"]["code"] == 504 and "server.request_timeout_s" in event["error"]["message"]
+    assert upstream.closed == 1 and len(client.sent) > 8  # it streamed until the total bound
+    [(_, request, observation)] = harness.recorder.records
+    assert request.cancelled and observation.finish_reason == "error"
+
+
+@pytest.mark.anyio
+async def test_a_half_sent_event_is_closed_before_the_error_event():
+    upstream = sse([STREAM[0], b'data: {"id":"gen-2","choices":[{"ind'], live=True)
+    harness = Harness(upstream, stream_idle_timeout_s=0.05)
+    client = await asyncio.wait_for(harness.request(orjson.dumps({"model": "m", "stream": True})), 5)
+    assert client.sent[-2]["body"].startswith(b"\n\ndata: {")
+
+
+@pytest.mark.anyio
+async def test_a_non_streamed_request_past_the_request_timeout_is_a_504_and_closes_the_upstream():
+    transport = SlowTransport(10, ok())
+    harness = Harness(request_timeout_s=0.05)
+    harness.endpoint.upstream.transport = transport
+    client = await asyncio.wait_for(harness.request(), 5)
+    assert client.status == 504 and "server.request_timeout_s" in client.error()["message"]
+    assert "may still have run" in client.error()["message"]
+    assert transport.cancelled == 1 and harness.recorder.records == []
+    assert harness.admission.tickets[0].released == [None]
+
+
+@pytest.mark.anyio
+async def test_a_client_leaving_a_non_streamed_request_cancels_the_upstream_call_at_once():
+    transport = SlowTransport(10, ok())
+    harness = Harness()
+    harness.endpoint.upstream.transport = transport
+    client = Client(CHAT)
+    asyncio.get_running_loop().call_later(0.05, client.gone.set)
+    await asyncio.wait_for(harness.request(client=client), 1)
+    assert transport.cancelled == 1 and client.sent == []  # nobody to answer
+    assert harness.admission.tickets[0].released == [None]
+
+
+@pytest.mark.anyio
+async def test_a_client_leaving_after_the_headers_still_has_the_generation_recorded():
+    upstream = FakeResponse(200, [("content-type", "application/json"), ("x-generation-id", "gen-9")],
+                            [b'{"id":'], live=True)  # the body never completes
+    harness = Harness(upstream)
+    client = Client(CHAT)
+    asyncio.get_running_loop().call_later(0.05, client.gone.set)
+    await asyncio.wait_for(harness.request(client=client), 1)
+    assert upstream.closed == 1 and client.sent == []
+    [(_, request, observation)] = harness.recorder.records
+    assert request.cancelled and observation.generation_id == "gen-9"
+    assert harness.admission.tickets[0].released == harness.recorder.charges
 
 
 @pytest.mark.anyio

@@ -346,3 +346,32 @@ async def test_sqlite_transaction_cancelled_while_waiting_for_the_lock_leaves_no
     finally:
         await first.close()
         await second.close()
+
+
+# -- job leases and the change feed's pruning ----------------------------------------
+
+
+async def test_a_job_lease_is_held_by_one_owner_until_it_runs_out(store: Store) -> None:
+    assert await store.leases.claim("job", "a", until_iso="2030-01-01T00:01:00.000000Z",
+                                    now_iso="2030-01-01T00:00:00.000000Z")
+    assert not await store.leases.claim("job", "b", until_iso="2030-01-01T00:02:00.000000Z",
+                                        now_iso="2030-01-01T00:00:30.000000Z")
+    assert await store.leases.claim("job", "a", until_iso="2030-01-01T00:02:00.000000Z",
+                                    now_iso="2030-01-01T00:00:30.000000Z")  # renewed by its holder
+    assert await store.leases.claim("job", "b", until_iso="2030-01-01T00:04:00.000000Z",
+                                    now_iso="2030-01-01T00:03:00.000000Z")  # run out: taken over
+    assert not await store.leases.claim("job", "a", until_iso="2030-01-01T00:05:00.000000Z",
+                                        now_iso="2030-01-01T00:03:01.000000Z")
+
+
+async def test_the_change_feed_prunes_only_rows_older_than_the_cut(store: Store, clock: FakeClock) -> None:
+    from gateway.auth.feed_pruning import FeedPruning
+    from gateway.store.changes import publish
+
+    async with store.db.transaction() as tx:
+        await publish(tx, "user", "old", clock.now - 7200)
+        await publish(tx, "user", "new", clock.now - 10)
+    first, second = (FeedPruning(store, retention_s=3600, clock=clock) for _ in range(2))
+    assert await first.prune_once() == 1
+    assert await second.prune_once() is None  # one instance prunes
+    assert [r["subject"] for r in await store.changes.since(0)] == ["new"]
