@@ -37,6 +37,7 @@ import orjson
 from openrouter_emulator import models as model_pages
 from openrouter_emulator import responses
 from openrouter_emulator.catalogue import dumps
+from openrouter_emulator.replies import reply_tokens
 from openrouter_emulator.state import (
     EmulatorError,
     EmulatorState,
@@ -53,13 +54,11 @@ DEMO_KEY = "sk-or-v1-emulator-demo-key-0000000000000000"
 DEMO_MANAGEMENT_KEY = "sk-or-v1-emulator-management-key-000000000000"
 API_PREFIX = "/api/v1"
 CONTROL_PREFIX = "/_emulator"
-MAX_COMPLETION_TOKENS = 10_000
 KEYS_PAGE_SIZE = 100
 DEFAULT_FAILURE_MESSAGES = {
     429: "Rate limit exceeded", 500: "Internal Server Error", 502: "Provider returned error",
     503: "No available providers support the requested parameters", 504: "Upstream timed out",
 }
-_REPLY = ("Hello", " from", " the", " emulator", ".")  # the default 5-token reply; longer ones cycle it
 
 
 # ---------------------------------------------------------------- completions
@@ -80,17 +79,6 @@ def prompt_tokens(body: dict[str, Any]) -> int:
     if isinstance(messages, list):
         chars += sum(_text_len(m.get("content")) for m in messages if isinstance(m, dict))
     return chars // 4 + 1
-
-
-def reply_tokens(body: dict[str, Any]) -> list[str]:
-    """The reply, one string per token: ``max_tokens`` of them (≤ 10000), else 5."""
-    wanted = body.get("max_tokens", body.get("max_completion_tokens"))
-    if wanted is None:
-        return list(_REPLY)
-    if isinstance(wanted, bool) or not isinstance(wanted, int) or wanted < 1:
-        raise EmulatorError(400, "max_tokens must be a positive integer")
-    n = min(wanted, MAX_COMPLETION_TOKENS)
-    return [_REPLY[0]] + [_REPLY[i % 5] if i % 5 else " " + _REPLY[0] for i in range(1, n)]
 
 
 def usage_payload(prompt: int, completion: int, costs: tuple[Decimal, Decimal, Decimal]) -> dict[str, Any]:

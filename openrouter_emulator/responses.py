@@ -17,13 +17,22 @@ from __future__ import annotations
 import asyncio
 import time
 from decimal import Decimal
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from openrouter_emulator.catalogue import dumps
+from openrouter_emulator.replies import reply_tokens
 from openrouter_emulator.state import EmulatorError, Generation, KeyRecord, StreamRecord, new_id
 
 if TYPE_CHECKING:
-    from openrouter_emulator.app import EmulatorApp, Request
+    from openrouter_emulator.state import EmulatorState
+
+
+class Host(Protocol):
+    """What a Responses call needs of the emulator app: its state and how a generation starts."""
+
+    state: EmulatorState
+
+    def _start_generation(self, request: Any, body: dict[str, Any], api_type: str) -> tuple[KeyRecord, Generation]: ...
 
 
 def _text_chars(value: Any) -> int:
@@ -94,8 +103,7 @@ def response_object(body: dict[str, Any], gen: Generation, *, status: str, outpu
     }
 
 
-async def create_response(app: "EmulatorApp", request: "Request") -> Any:
-    from openrouter_emulator.app import reply_tokens
+async def create_response(app: Host, request: Any) -> Any:
 
     body = request.json()
     check_request(body)
@@ -114,7 +122,7 @@ async def create_response(app: "EmulatorApp", request: "Request") -> Any:
     return 200, payload, [(b"x-generation-id", gen.id.encode())]
 
 
-async def _stream(app: "EmulatorApp", request: "Request", body: dict[str, Any], key: KeyRecord, gen: Generation,
+async def _stream(app: Host, request: Any, body: dict[str, Any], key: KeyRecord, gen: Generation,
                   tokens: list[str]) -> None:
     """The event sequence OpenAI documents; a disconnect records a cancelled generation."""
     state = app.state
