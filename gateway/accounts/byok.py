@@ -14,7 +14,7 @@ def check_key_format(api_key: Any) -> str:
     if not isinstance(api_key, str) or not api_key.strip():
         raise BadRequest("Field 'api_key' is required: your OpenRouter key (sk-or-...).", param="api_key")
     api_key = api_key.strip()
-    if not api_key.startswith("sk-or-") or len(api_key) < 20 or any(c.isspace() for c in api_key):
+    if not api_key.startswith("sk-or-") or not 20 <= len(api_key) <= 256 or any(c.isspace() for c in api_key):
         raise BadRequest(
             "That does not look like an OpenRouter key: keys start with 'sk-or-'. "
             "Create one at https://openrouter.ai/settings/keys.",

@@ -15,6 +15,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from gateway.core.amounts import AmountError, parse_usd
+
 ENV_PREFIX = "GATEWAY_"
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
@@ -78,6 +80,16 @@ class ModelsConfig(_Section):
     cache_ttl_s: float = Field(3600, ge=0)
 
 
+def _usd(value: Any) -> Any:
+    """Money in config follows the API's rules (`core.amounts`): a plain decimal from 0 to 10⁹."""
+    if value is None:
+        return None
+    try:
+        return parse_usd(value)
+    except AmountError as exc:
+        raise ValueError(str(exc)) from None
+
+
 class GenerationLookupConfig(_Section):
     first_delay_s: float = Field(0.5, ge=0)
     factor: float = Field(2.0, ge=1)
@@ -93,15 +105,19 @@ class AccountingConfig(_Section):
     low_balance_usd: Decimal = Decimal("10")
     default_estimate_usd: Decimal = Decimal("0.01")
 
+    _amounts = field_validator("low_balance_usd", "default_estimate_usd", mode="before")(_usd)
+
 
 class TierConfig(_Section):
-    markup_pct: Decimal = Field(Decimal("0"), ge=0)
+    markup_pct: Decimal = Field(Decimal("0"), ge=0, le=10_000)
     daily_budget_usd: Decimal | None = None
     monthly_budget_usd: Decimal | None = None
     requests_per_minute: int | None = Field(None, ge=0)
     requests_per_hour: int | None = Field(None, ge=0)
     tokens_per_hour: int | None = Field(None, ge=0)
     max_concurrent: int | None = Field(None, ge=0)
+
+    _budgets = field_validator("markup_pct", "daily_budget_usd", "monthly_budget_usd", mode="before")(_usd)
 
 
 def _default_tiers() -> dict[str, TierConfig]:
