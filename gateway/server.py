@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
+import logging
 import os
 import sys
 from typing import Any
 
 import uvicorn
 
-from gateway.core.config import Config, load_config
+from gateway.connections import ConnectionLimits, GuardedConfig
+from gateway.core.config import Config, ServerConfig, load_config
 from gateway.core.logs import configure_logging
 from gateway.security.first_run import ensure_runtime
 
@@ -17,21 +20,51 @@ DEMO_EMULATOR_PORT = 8090
 GRACEFUL_SHUTDOWN_S = 30
 
 
-def _uvicorn_config(app: Any, host: str, port: int, **extra: Any) -> uvicorn.Config:
-    return uvicorn.Config(
+def _uvicorn_config(app: Any, host: str, port: int, server: ServerConfig | None = None, **extra: Any) -> uvicorn.Config:
+    """uvicorn (uvloop + httptools) with every connection bounded: see `gateway.connections`."""
+    server = server or ServerConfig()
+    return GuardedConfig(
         app,
+        connection_limits=ConnectionLimits(
+            max_header_bytes=server.max_header_bytes,
+            max_headers=server.max_headers,
+            header_timeout_s=server.header_timeout_s,
+            body_timeout_s=server.body_timeout_s,
+            max_connections=server.max_connections,
+        ),
         host=host,
         port=port,
         loop="uvloop",
-        http="httptools",
         lifespan="on",
         log_config=None,
         access_log=False,
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
-        timeout_keep_alive=30,
+        timeout_keep_alive=server.keep_alive_timeout_s,
         server_header=False,
         **extra,
     )
+
+
+def _raise_open_file_limit(config: Config) -> None:
+    """Let the process hold `max_connections` client sockets plus the upstream pool and its own files.
+
+    The soft limit is raised towards the hard one; if even that is too low, say so once, because
+    running out of descriptors refuses clients at accept() instead of with a 503."""
+    try:
+        import resource
+    except ImportError:  # not on this platform
+        return
+    needed = config.server.max_connections + config.upstream.pool_size + 256
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= needed:
+        return
+    target = needed if hard == resource.RLIM_INFINITY else min(hard, needed)
+    if target > soft:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    if target < needed:
+        logging.getLogger("gateway").warning(
+            "the open-file limit is %d, below the %d that server.max_connections=%d needs: lower "
+            "server.max_connections or raise the limit (ulimit -n)", target, needed, config.server.max_connections)
 
 
 def create_from_env() -> Any:
@@ -55,14 +88,19 @@ def serve(
     host = host or config.server.host
     port = config.server.port if port is None else port
     workers = workers or config.server.workers
+    _raise_open_file_limit(config)
     if workers > 1 and not demo:
         if config_file:
             os.environ["GATEWAY_CONFIG"] = str(config_file)
-        uvicorn.run(
-            "gateway.server:create_from_env", factory=True, workers=workers, host=host, port=port,
-            loop="uvloop", http="httptools", log_config=None, access_log=False,
-            timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
-        )
+        from uvicorn.supervisors import Multiprocess
+
+        uv_config = _uvicorn_config("gateway.server:create_from_env", host, port, config.server,
+                                    factory=True, workers=workers)
+        sockets = [uv_config.bind_socket()]
+        if "target" in inspect.signature(Multiprocess).parameters:  # uvicorn before 0.36 takes the worker's target
+            Multiprocess(uv_config, target=uvicorn.Server(uv_config).run, sockets=sockets).run()
+        else:
+            Multiprocess(uv_config, sockets=sockets).run()
         return
     asyncio.run(_serve(config, host, port, demo, demo_port))
 
@@ -76,7 +114,7 @@ async def _serve(config: Config, host: str, port: int, demo: bool, demo_port: in
     from gateway.app import create_app
 
     app = create_app(config)
-    server = uvicorn.Server(_uvicorn_config(app, host, port))
+    server = uvicorn.Server(_uvicorn_config(app, host, port, config.server))
     if not demo:
         await server.serve()
         return

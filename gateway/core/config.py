@@ -33,7 +33,14 @@ class ServerConfig(_Section):
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=0, le=65535)
     workers: int = Field(1, ge=1)
-    max_body_bytes: int = Field(10 * 1024 * 1024, ge=1024)
+    max_body_bytes: int = Field(10 * 1024 * 1024, ge=1024)  # the proxy routes' request bodies
+    max_api_body_bytes: int = Field(64 * 1024, ge=1024)  # the JSON API routes' (settings, admin) bodies
+    max_header_bytes: int = Field(64 * 1024, ge=1024)  # request line + header block; over it → 431
+    max_headers: int = Field(100, ge=8)  # header lines per request; over it → 431
+    header_timeout_s: float = Field(10, gt=0)  # the whole header block must arrive within this
+    body_timeout_s: float = Field(30, gt=0)  # no body byte for this long (or slower than 1 KiB/s after it) → 408
+    keep_alive_timeout_s: float = Field(30, gt=0)  # an idle keep-alive connection is closed after this
+    max_connections: int = Field(2048, ge=1)  # open connections per worker; beyond it → 503 and closed
     request_timeout_s: float = Field(600, gt=0)
     cors_origins: list[str] = []
     data_dir: str = "data"

@@ -1,7 +1,8 @@
 """Prometheus metrics, kept as plain counters: the request path only adds to a dict.
 
 Rendered in the text exposition format at `GET /metrics`. Labels are bounded (route
-templates, status classes, tier names) so the series count cannot grow with traffic.
+templates, never raw paths; status classes; tier names) so the series count cannot grow with
+traffic, and every label value is escaped, so no client text can forge a line.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from collections import defaultdict
 from decimal import Decimal
 from typing import Callable, Iterable
 
+UNMATCHED_ROUTE = "unmatched"  # every path no route serves shares this one label
 LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
 
@@ -57,34 +59,40 @@ class Metrics:
         add = lines.append
         add("# TYPE gateway_requests_total counter")
         for (route, status), value in sorted(self.requests.items()):
-            add(f'gateway_requests_total{{route="{route}",status="{status}"}} {value}')
+            add(f"gateway_requests_total{{route={_q(route)},status={_q(status)}}} {value}")
         add("# TYPE gateway_request_duration_seconds histogram")
         for route, hist in sorted(self.latency.items()):
             cumulative = 0
+            label = _q(route)
             for bound, count in zip((*LATENCY_BUCKETS_S, float("inf")), hist.counts):
                 cumulative += count
                 le = "+Inf" if bound == float("inf") else repr(bound)
-                add(f'gateway_request_duration_seconds_bucket{{route="{route}",le="{le}"}} {cumulative}')
-            add(f'gateway_request_duration_seconds_sum{{route="{route}"}} {hist.total}')
-            add(f'gateway_request_duration_seconds_count{{route="{route}"}} {hist.count}')
+                add(f'gateway_request_duration_seconds_bucket{{route={label},le="{le}"}} {cumulative}')
+            add(f"gateway_request_duration_seconds_sum{{route={label}}} {hist.total}")
+            add(f"gateway_request_duration_seconds_count{{route={label}}} {hist.count}")
         add("# TYPE gateway_upstream_errors_total counter")
         for kind, value in sorted(self.upstream_errors.items()):
-            add(f'gateway_upstream_errors_total{{kind="{kind}"}} {value}')
+            add(f"gateway_upstream_errors_total{{kind={_q(kind)}}} {value}")
         add("# TYPE gateway_tokens_total counter")
         for (tier, kind), value in sorted(self.tokens.items()):
-            add(f'gateway_tokens_total{{tier="{tier}",kind="{kind}"}} {value}')
+            add(f"gateway_tokens_total{{tier={_q(tier)},kind={_q(kind)}}} {value}")
         add("# TYPE gateway_cost_usd_total counter")
         for tier, value in sorted(self.cost.items()):
-            add(f'gateway_cost_usd_total{{tier="{tier}"}} {value:f}')
+            add(f"gateway_cost_usd_total{{tier={_q(tier)}}} {value:f}")
         for name, read in sorted(self.gauges.items()):
             add(f"# TYPE {name} gauge")
             add(f"{name} {read()}")
         return "\n".join(lines) + "\n"
 
 
-def route_label(path: str, proxies: Iterable[str]) -> str:
-    """A bounded label: proxy paths as they are, other paths by their first two segments."""
+def _q(value: str) -> str:
+    """A label value quoted and escaped as the text exposition format requires (\\, \", \n)."""
+    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+
+
+def route_label(path: str, proxies: Iterable[str], template: str | None = None) -> str:
+    """A bounded label: a proxy path as it is, another route by its template (`/admin/v1/users/{user_id}`),
+    anything no route serves as `UNMATCHED_ROUTE`; never the raw path (ids, tokens, junk)."""
     if path in proxies:
         return path
-    parts = path.split("/")
-    return "/".join(parts[:4]) if path.startswith(("/admin", "/api")) else "/".join(parts[:3])
+    return template or UNMATCHED_ROUTE
