@@ -8,7 +8,7 @@ TEST_STAMP := $(VENV)/.installed-test
 PEERS_VENV := .venv-peers
 PEERS_STAMP := $(PEERS_VENV)/.installed
 
-.PHONY: run demo test bench bench-peers init clean
+.PHONY: run demo test soak bench bench-peers init clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,11 @@ init: $(STAMP)
 
 test: $(TEST_STAMP)
 	$(BIN)/python -m pytest
+
+# The fuzz suite at length: 20,000 random requests over every route (about 10 minutes); SOAK_EXAMPLES=N to change
+SOAK_EXAMPLES ?= 20000
+soak: $(TEST_STAMP)
+	GATEWAY_FUZZ_EXAMPLES=$(SOAK_EXAMPLES) $(BIN)/python -m pytest -s -o timeout=0 tests/e2e/test_fuzz_e2e.py
 
 bench: $(TEST_STAMP)
 	$(BIN)/python -m bench
