@@ -69,9 +69,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         super().__init__(config, server_state, app_state, _loop)
         self.limits: ConnectionLimits = getattr(config, "connection_limits", None) or ConnectionLimits()
         self._in_headers = True  # waiting for, or reading, a header block
-        self._header_bytes = 0  # bytes received since the header block began (whole reads: may overcount)
-        self._header_size = 0  # the request line and headers as parsed (exact)
-        self._header_lines = 0
+        self._header_bytes = 0  # bytes read since the header block began (whole reads: may overcount)
         self._read_size = 0
         self._header_timer: asyncio.TimerHandle | None = None
         self._body_pending = False  # headers done, body not complete
@@ -97,7 +95,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
-        """uvicorn's, counting header bytes and answering a refusal with its own status."""
+        """uvicorn's, plus the bounds; a timer starts only when a read ends inside a header block or a body,
+        so a request whose headers and body arrive together costs no timer at all."""
         self._unset_keepalive_if_required()
         self._read_size = len(data)
         if self._in_headers:
@@ -122,37 +121,34 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             else:
                 self._unsupported_upgrade_warning()
             return
-        if self._in_headers and self._header_bytes > self.limits.max_header_bytes:
-            self._answer(431, self._too_large())
-        elif self._body_pending and self._body_timer is None and not self.transport.is_closing():
-            self._body_since = self._body_last = self.loop.time()
-            self._body_bytes = 0
-            self._body_timer = self.loop.call_later(self.limits.body_timeout_s, self._check_body)
+        if self._in_headers:
+            if self._header_bytes > self.limits.max_header_bytes:
+                self._answer(431, self._too_large())
+            elif self._header_timer is None:
+                self._header_timer = self.loop.call_later(self.limits.header_timeout_s, self._header_timed_out)
+        elif self._body_pending and not self.transport.is_closing():
+            if self._body_timer is None:
+                self._body_since = self._body_last = self.loop.time()
+                self._body_bytes = 0
+                self._body_timer = self.loop.call_later(self.limits.body_timeout_s, self._check_body)
+            else:
+                self._body_last = self.loop.time()
+                self._body_bytes += len(data)
 
     # -- parser callbacks ----------------------------------------------------------------
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._in_headers = True
-        self._header_bytes = self._read_size
-        self._header_size = self._header_lines = 0
-        if self._header_timer is None:
-            self._header_timer = self.loop.call_later(self.limits.header_timeout_s, self._header_timed_out)
-
-    def on_url(self, url: bytes) -> None:
-        self._header_size += len(url)
-        super().on_url(url)
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self._header_lines += 1
-        self._header_size += len(name) + len(value) + 4
-        if self._header_lines > self.limits.max_headers:
-            raise _Refused(431, f"The request has more than {self.limits.max_headers} header lines "
-                                "(server.max_headers).")
-        super().on_header(name, value)
+        self._header_bytes = self._read_size  # this whole read, at most: the check below is exact
 
     def on_headers_complete(self) -> None:
-        if self._header_size > self.limits.max_header_bytes:
+        limits = self.limits
+        if len(self.headers) > limits.max_headers:
+            raise _Refused(431, f"The request has more than {limits.max_headers} header lines (server.max_headers).")
+        if self._header_bytes > limits.max_header_bytes and (  # the reads say it may be over: count exactly
+                len(self.url) + sum(len(name) + len(value) + 4 for name, value in self.headers)
+                > limits.max_header_bytes):
             raise _Refused(431, self._too_large())
         self._in_headers = False
         if self._header_timer is not None:
@@ -160,11 +156,6 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             self._header_timer = None
         self._body_pending = True
         super().on_headers_complete()
-
-    def on_body(self, body: bytes) -> None:
-        self._body_last = self.loop.time()
-        self._body_bytes += len(body)
-        super().on_body(body)
 
     def on_message_complete(self) -> None:
         self._body_pending = False
