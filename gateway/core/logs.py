@@ -57,7 +57,7 @@ class OncePerSecond(logging.Filter):
         self._dropped: dict[tuple[str, str], int] = {}
 
     def filter(self, record: logging.LogRecord) -> bool:
-        key = (record.name, str(record.msg)[:60])  # the first words: asyncio puts details after them
+        key = (record.name, str(record.msg).partition("\n")[0][:200])  # asyncio puts the details on later lines
         now = self._clock()
         if now - self._last.get(key, -1e9) < 1.0:
             self._dropped[key] = self._dropped.get(key, 0) + 1

@@ -7,6 +7,7 @@ route, chunked included (413, the gateway's memory flat), and the keep-alive idl
 
 from __future__ import annotations
 
+import select
 import socket
 import time
 from pathlib import Path
@@ -192,17 +193,40 @@ def test_an_idle_keep_alive_connection_is_closed(gw: GatewayProcess) -> None:
 
 
 def _chunked(sock: socket.socket, method: str, path: str, token: str, total: int) -> bytes:
+    """Stream a chunked body of `total` bytes, stopping as soon as the gateway answers."""
     sock.sendall(f"{method} {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n"
                  "Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n".encode())
     piece = b"%x\r\n" % 65536 + b"[" * 65536 + b"\r\n"
     sent = 0
+    sock.setblocking(False)
     try:
         while sent < total:
-            sock.sendall(piece)
-            sent += 65536
+            readable, writable, _ = select.select([sock], [sock], [], 10)
+            if readable:
+                break
+            if writable:
+                sent += sock.send(piece)
     except OSError:
         pass
-    return read_all(sock)
+    sock.setblocking(True)
+    return read_response(sock)
+
+
+def read_response(sock: socket.socket) -> bytes:
+    """One response (headers and its Content-Length of body), not waiting for the connection to close."""
+    sock.settimeout(10)
+    raw = b""
+    while b"\r\n\r\n" not in raw:
+        chunk = sock.recv(65536)
+        assert chunk, raw
+        raw += chunk
+    head, _, body = raw.partition(b"\r\n\r\n")
+    length = int(next(line.split(b":", 1)[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")))
+    while len(body) < length:
+        chunk = sock.recv(65536)
+        assert chunk, raw
+        body += chunk
+    return head + b"\r\n\r\n" + body
 
 
 @pytest.mark.parametrize("method, path, admin", [
