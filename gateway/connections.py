@@ -7,8 +7,8 @@ headers and body arrive together):
 
 - `max_header_bytes` / `max_headers`: a request line + header block over either → 431 and closed,
   after buffering at most one read (256 KiB) past the limit;
-- `header_timeout_s`: the header block must arrive within this of the connection opening (or of
-  the request's first byte on a kept-alive connection) → 408 and closed;
+- `header_timeout_s`: the header block must arrive within this of the connection opening (or, on a
+  kept-alive connection, of the first read that ends inside the next header block) → 408 and closed;
 - `body_timeout_s`: no body byte for this long, or a body slower than `MIN_BODY_RATE` bytes/s on
   average once this long has passed → 408 and closed (a trickle of 1 byte / 2 s is cut too);
 - `max_connections`: beyond it a new connection gets 503 and is closed, so open sockets (file

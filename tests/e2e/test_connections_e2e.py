@@ -7,8 +7,11 @@ route, chunked included (413, the gateway's memory flat), and the keep-alive idl
 
 from __future__ import annotations
 
+import os
 import select
 import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -16,7 +19,16 @@ from typing import Any, Iterator
 import httpx
 import orjson
 import pytest
-from conftest import ADMIN_TOKEN, Emulator, GatewayProcess, start_gateway
+from conftest import (
+    ADMIN_TOKEN,
+    Emulator,
+    GatewayProcess,
+    free_port,
+    start_gateway,
+    stop_process,
+    wait_http,
+    write_config,
+)
 
 TIMEOUTS = {"header_timeout_s": 1, "body_timeout_s": 1, "keep_alive_timeout_s": 1, "max_connections": 60,
             "max_header_bytes": 8192, "max_headers": 30, "max_body_bytes": 1 << 20}
@@ -245,3 +257,29 @@ def test_a_chunked_body_over_the_limit_is_413_without_buffering(
     assert "max_" in error_message(raw) and "body_bytes" in error_message(raw)
     assert rss_kb(gw) - before < 16_000  # buffering the 32 MiB would add twice that
     still_serves(gw)
+
+
+def test_the_limits_hold_in_every_worker_process(emulator: Emulator, tmp_path: Path) -> None:
+    config = write_config(tmp_path, emulator, {"server": {**TIMEOUTS, "workers": 2}})
+    port = free_port()
+    log = tmp_path / "workers.log"
+    with log.open("wb") as out:
+        process = subprocess.Popen([sys.executable, "-m", "gateway", "--config", str(config), "serve", "--port", str(port)],
+                                   cwd=tmp_path, env={**os.environ, "GATEWAY_ADMIN_TOKEN": ADMIN_TOKEN},
+                                   stdout=out, stderr=subprocess.STDOUT)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/health", process, timeout=40, log=log)
+        for _ in range(6):  # connections land on either worker
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+                sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 20_000 + b"\r\n\r\n")
+                assert status_of(read_all(sock)) == 431
+        slow = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(6)]
+        started = time.monotonic()
+        for sock in slow:
+            sock.sendall(b"GET /health HTTP/1.1\r\n")
+        for sock in slow:
+            assert status_of(read_all(sock)) == 408
+            sock.close()
+        assert time.monotonic() - started < 2.5
+    finally:
+        assert stop_process(process) == 0
