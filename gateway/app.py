@@ -20,7 +20,7 @@ from gateway.accounting.pacing import CpuMeter, Pacer
 from gateway.accounting.pricing import Pricing
 from gateway.accounting.settlement import Settler
 from gateway.accounts.credit_sync import CreditSync
-from gateway.accounts.directory import Directory
+from gateway.accounts.directory import Directory, report_broken_overrides
 from gateway.accounts.provisioning import Provisioner
 from gateway.accounts.settings import DefaultsPreparer, SettingsBook
 from gateway.alerts.delivery import Courier
@@ -95,6 +95,7 @@ async def open_gateway(
 
     # -- accounts --
     directory = Directory(store, cfg, forget_user=auth.forget_user, forget_token=auth.forget_token, clock=clock)
+    await report_broken_overrides(store)  # limits an older version stored out of range: logged, read as unset
     settings = SettingsBook(store)
     await settings.load_all()
     auth.on_user_change(settings.on_user_change)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import logging
 import os
 import signal
 import socket
@@ -15,13 +16,13 @@ from typing import Any
 import uvicorn
 from uvicorn.supervisors.multiprocess import Multiprocess
 
-from gateway.core.config import Config, load_config
+from gateway.connections import ConnectionLimits, GuardedConfig
+from gateway.core.config import Config, ServerConfig, load_config
 from gateway.core.logs import configure_logging
 from gateway.security.first_run import ensure_runtime
 
 DEMO_EMULATOR_PORT = 8090
 DEMO_DATABASE = "demo.db"  # in server.data_dir: the demo's user and emulator key stay out of `make run`'s database
-GRACEFUL_SHUTDOWN_S = 30
 
 
 class GracefulServer(uvicorn.Server):
@@ -35,19 +36,26 @@ class GracefulServer(uvicorn.Server):
             self._captured_signals = [s for s in self._captured_signals if s != signal.SIGTERM]
 
 
-def _uvicorn_config(app: Any, host: str, port: int, grace_s: int = GRACEFUL_SHUTDOWN_S,
-                    **extra: Any) -> uvicorn.Config:
-    return uvicorn.Config(
+def _uvicorn_config(app: Any, host: str, port: int, server: ServerConfig | None = None, **extra: Any) -> uvicorn.Config:
+    """uvicorn (uvloop + httptools) with every connection bounded: see `gateway.connections`."""
+    server = server or ServerConfig()
+    return GuardedConfig(
         app,
+        connection_limits=ConnectionLimits(
+            max_header_bytes=server.max_header_bytes,
+            max_headers=server.max_headers,
+            header_timeout_s=server.header_timeout_s,
+            body_timeout_s=server.body_timeout_s,
+            max_connections=server.max_connections,
+        ),
         host=host,
         port=port,
         loop="uvloop",
-        http="httptools",
         lifespan="on",
         log_config=None,
         access_log=False,
-        timeout_graceful_shutdown=grace_s,
-        timeout_keep_alive=30,
+        timeout_graceful_shutdown=server.shutdown_grace_s,
+        timeout_keep_alive=server.keep_alive_timeout_s,
         server_header=False,
         **extra,
     )
@@ -91,6 +99,28 @@ def settle_garbage_collector() -> None:
     gc.set_threshold(20_000, 20, 20)
 
 
+def _raise_open_file_limit(config: Config) -> None:
+    """Let the process hold `max_connections` client sockets plus the upstream pool and its own files.
+
+    The soft limit is raised towards the hard one; if even that is too low, say so once, because
+    running out of descriptors refuses clients at accept() instead of with a 503."""
+    try:
+        import resource
+    except ImportError:  # not on this platform
+        return
+    needed = config.server.max_connections + config.upstream.pool_size + 256
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= needed:
+        return
+    target = needed if hard == resource.RLIM_INFINITY else min(hard, needed)
+    if target > soft:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    if target < needed:
+        logging.getLogger("gateway").warning(
+            "the open-file limit is %d, below the %d that server.max_connections=%d needs: lower "
+            "server.max_connections or raise the limit (ulimit -n)", target, needed, config.server.max_connections)
+
+
 def create_from_env() -> Any:
     """App factory for `--workers N` (each worker process builds its own app from the config)."""
     from gateway.app import create_app
@@ -115,14 +145,12 @@ def serve(
     configure_logging(config.logging.level)
     ensure_runtime(config, announce=lambda line: print(line, file=sys.stderr, flush=True))
     workers = workers or config.server.workers
+    _raise_open_file_limit(config)
     if workers > 1 and not demo:
         if config_file:
             os.environ["GATEWAY_CONFIG"] = str(config_file)
-        _serve_workers(uvicorn.Config(
-            "gateway.server:create_from_env", factory=True, workers=workers, host=host, port=port,
-            loop="uvloop", http="httptools", log_config=None, access_log=False,
-            timeout_graceful_shutdown=config.server.shutdown_grace_s,
-        ))
+        _serve_workers(_uvicorn_config("gateway.server:create_from_env", host, port, config.server,
+                                       factory=True, workers=workers))
         return
     asyncio.run(_serve(config, host, port, demo, demo_port))
 
@@ -161,7 +189,7 @@ async def _serve(config: Config, host: str, port: int, demo: bool, demo_port: in
     from gateway.app import create_app, instance_of
 
     app = create_app(config, after_start=settle_garbage_collector)
-    server = GracefulServer(_uvicorn_config(app, host, port, config.server.shutdown_grace_s))
+    server = GracefulServer(_uvicorn_config(app, host, port, config.server))
     if not demo:
         await server.serve()
         return

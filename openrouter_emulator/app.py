@@ -65,11 +65,16 @@ DEFAULT_FAILURE_MESSAGES = {
 
 
 def _text_len(value: Any) -> int:
-    if isinstance(value, str):
-        return len(value)
-    if isinstance(value, list):
-        return sum(_text_len(part.get("text") if isinstance(part, dict) else part) for part in value)
-    return 0
+    """Characters of text in a content value, walked with a stack (a client's nesting is no recursion)."""
+    chars = 0
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            chars += len(item)
+        elif isinstance(item, list):
+            stack.extend(part.get("text") if isinstance(part, dict) else part for part in item)
+    return chars
 
 
 def prompt_tokens(body: dict[str, Any]) -> int:

@@ -10,6 +10,7 @@ from gateway.store import Store
 from gateway.upstream.client import UpstreamClient, UpstreamConnectionError
 
 MIN_KEY_CHARS = 20
+MAX_KEY_CHARS = 256
 
 
 def check_key_format(api_key: Any) -> str:
@@ -23,6 +24,8 @@ def check_key_format(api_key: Any) -> str:
         problem = "it contains whitespace (copy it again, on one line)"
     elif len(api_key) < MIN_KEY_CHARS:
         problem = f"it is {len(api_key)} characters long, and OpenRouter keys are longer (copy the whole key)"
+    elif len(api_key) > MAX_KEY_CHARS:
+        problem = f"it is {len(api_key)} characters long, and OpenRouter keys are at most {MAX_KEY_CHARS}"
     if problem:
         raise BadRequest(
             f"That does not look like an OpenRouter key: {problem}. Create one at https://openrouter.ai/settings/keys.",

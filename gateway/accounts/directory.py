@@ -6,20 +6,23 @@ and tells the local auth cache at once (other instances learn through the change
 
 from __future__ import annotations
 
+import logging
 import re
 from datetime import UTC, datetime
-from decimal import Decimal, InvalidOperation
 from typing import Any, Callable
 
 from gateway.accounts.byok import describe_key
+from gateway.core.amounts import AmountError, parse_count, parse_usd, stored_count, stored_usd
 from gateway.core.clock import Clock, iso, system_clock
 from gateway.core.config import Config
 from gateway.core.errors import BadRequest, Conflict, NotFound
 from gateway.store import Store
 from gateway.store.database import IntegrityError
 
+log = logging.getLogger("gateway.accounts.directory")
+
 USER_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,127}$")
-EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
+EMAIL = re.compile(r"^(?=.{3,254}$)[^@\s]+@[^@\s]+\.[^@\s]+$")
 STATUSES = ("active", "suspended")
 LIMIT_OVERRIDES = (
     "daily_budget_usd",
@@ -33,6 +36,39 @@ LIMIT_OVERRIDES = (
 
 def _noop(*_: Any) -> None:
     return None
+
+
+def broken_overrides(overrides: dict[str, Any]) -> list[str]:
+    """The stored overrides that break today's rules (an older version accepted e.g. "1e999999999").
+
+    The limiter treats each as unset (the tier's value applies); the admin API leaves them out."""
+    broken = []
+    for name, value in overrides.items():
+        if name in LIMIT_OVERRIDES and value is not None:
+            checked = stored_usd(value) if name.endswith("_usd") else stored_count(value)
+            if checked is None:
+                broken.append(name)
+    return broken
+
+
+async def report_broken_overrides(store: Store, *, page: int = 500) -> int:
+    """At start-up: log each user whose stored limit overrides break the rules, once; returns how many."""
+    found = 0
+    cursor = None
+    while True:
+        rows = await store.users.list(limit=page, cursor=cursor)
+        for row in rows:
+            broken = broken_overrides(row["overrides"])
+            if broken:
+                found += 1
+                log.warning(
+                    "user %s has stored limit overrides out of range (%s): treated as unset; "
+                    "set them again with PATCH /admin/v1/users/%s {\"limits\": {...}}",
+                    row["id"], ", ".join(broken), row["id"],
+                )
+        if len(rows) < page:
+            return found
+        cursor = rows[-1]["id"]
 
 
 class Directory:
@@ -68,7 +104,7 @@ class Directory:
                 "User id must be 1-128 characters of letters, digits, '_', '.', '@' or '-'.", param="id"
             )
         if email is not None and (not isinstance(email, str) or not EMAIL.match(email)):
-            raise BadRequest(f"{email!r} is not an email address.", param="email")
+            raise BadRequest(f"{str(email)[:80]!r} is not an email address (at most 254 characters).", param="email")
         tier = self.check_tier(tier if tier is not None else self.config.default_tier)
         if await self.store.users.exists(user_id=user_id, email=email):
             raise Conflict("A user with that id or email already exists.", param="id" if user_id else "email")
@@ -95,7 +131,7 @@ class Directory:
             "email": user["email"],
             "tier": user["tier"],
             "status": user["status"],
-            "limits": user["overrides"],
+            "limits": _valid(user["overrides"]),
             "openrouter_key": describe_key(key),
             "created_at": user["created_at"],
             "updated_at": user["updated_at"],
@@ -127,7 +163,7 @@ class Directory:
         if "email" in changes:
             email = changes["email"]
             if email is not None and (not isinstance(email, str) or not EMAIL.match(email)):
-                raise BadRequest(f"{email!r} is not an email address.", param="email")
+                raise BadRequest(f"{str(email)[:80]!r} is not an email address (at most 254 characters).", param="email")
             if email is not None and email != user["email"] and await self.store.users.exists(email=email):
                 raise Conflict(f"Another user already has the email {email!r}.", param="email")
             fields["email"] = email
@@ -154,7 +190,7 @@ class Directory:
     def _merge_overrides(self, current: dict[str, Any], given: Any) -> dict[str, Any]:
         if not isinstance(given, dict):
             raise BadRequest("limits must be an object, e.g. {\"requests_per_minute\": 60}.", param="limits")
-        merged = dict(current)
+        merged = _valid(current)
         for name, value in given.items():
             if name not in LIMIT_OVERRIDES:
                 raise BadRequest(
@@ -163,20 +199,10 @@ class Directory:
             if value is None:
                 merged.pop(name, None)
                 continue
-            if name.endswith("_usd"):
-                if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-                    raise BadRequest(f"limits.{name} must be a number of US dollars.", param=f"limits.{name}")
-                try:
-                    amount = Decimal(str(value))
-                except InvalidOperation:
-                    raise BadRequest(f"limits.{name} must be a number of US dollars.", param=f"limits.{name}") from None
-                if not amount.is_finite() or amount < 0:  # NaN first: comparing NaN raises
-                    raise BadRequest(f"limits.{name} must be a number of US dollars, zero or more.", param=f"limits.{name}")
-                merged[name] = str(amount)
-            else:
-                if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                    raise BadRequest(f"limits.{name} must be a whole number, zero or more.", param=f"limits.{name}")
-                merged[name] = value
+            try:
+                merged[name] = format(parse_usd(value), "f") if name.endswith("_usd") else parse_count(value)
+            except AmountError as exc:
+                raise BadRequest(f"limits.{name} {exc}; null removes the override.", param=f"limits.{name}") from None
         return merged
 
     async def set_tier(self, user_id: str, tier: Any) -> dict[str, Any]:
@@ -205,7 +231,7 @@ class Directory:
     def _parse_expiry(self, expires_at: Any) -> str | None:
         if expires_at is None:
             return None
-        if not isinstance(expires_at, str):
+        if not isinstance(expires_at, str) or len(expires_at) > 64:
             raise BadRequest("expires_at must be an ISO-8601 time such as 2027-01-31T00:00:00Z.", param="expires_at")
         try:
             moment = datetime.fromisoformat(expires_at.replace("Z", "+00:00"))
@@ -247,6 +273,11 @@ class Directory:
     async def _audit(self, action: str, user_id: str | None, *, target: str | None = None,
                      details: dict[str, Any] | None = None) -> None:
         await self.store.audit.append(actor=self.actor, action=action, user_id=user_id, target=target, details=details)
+
+
+def _valid(overrides: dict[str, Any]) -> dict[str, Any]:
+    broken = broken_overrides(overrides)
+    return {k: v for k, v in overrides.items() if k not in broken}
 
 
 def _public_token(row: dict[str, Any]) -> dict[str, Any]:

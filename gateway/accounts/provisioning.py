@@ -34,10 +34,11 @@ import contextlib
 import logging
 import secrets
 import weakref
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 from typing import Any, Callable
 
 from gateway.accounts.byok import describe_key
+from gateway.core.amounts import AmountError, parse_usd
 from gateway.core.clock import Clock, iso, parse_iso, system_clock
 from gateway.core.config import Config
 from gateway.core.errors import BadRequest, Conflict, NotFound
@@ -55,22 +56,13 @@ def _noop(_: str) -> None:
 
 
 def parse_limit(value: Any, param: str = "limit_usd") -> Decimal | None:
-    """A spending limit in USD as an exact Decimal; None means no limit."""
+    """A spending limit in USD as an exact Decimal (the rules of `core.amounts`); None means no limit."""
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-        raise BadRequest(f"{param} must be a number of US dollars such as 25 or \"12.50\" (or null for no limit).",
-                         param=param)
     try:
-        amount = Decimal(str(value).strip())
-    except InvalidOperation:
-        raise BadRequest(f"{param} must be a number of US dollars such as 25 or \"12.50\", got {value!r}.",
-                         param=param) from None
-    if not amount.is_finite() or amount < 0:
-        raise BadRequest(f"{param} must be zero or more US dollars.", param=param)
-    if amount > Decimal("1000000000"):
-        raise BadRequest(f"{param} must be at most 1000000000 US dollars.", param=param)
-    return amount
+        return parse_usd(value)
+    except AmountError as exc:
+        raise BadRequest(f"{param} {exc}, or null for no limit.", param=param) from None
 
 
 class Provisioner:

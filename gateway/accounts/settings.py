@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from gateway.core.amounts import MAX_COUNT
 from gateway.core.errors import BadRequest
 
 if TYPE_CHECKING:
@@ -114,8 +115,9 @@ def validate_changes(body: dict[str, Any]) -> dict[str, Any]:
                                  param=name)
             changes[name] = value
         elif name == "max_tokens":
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise BadRequest("Field 'max_tokens' must be a positive integer, or null for no default.", param=name)
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_COUNT:
+                raise BadRequest(f"Field 'max_tokens' must be a whole number from 1 to {MAX_COUNT:,}, "
+                                 "or null for no default.", param=name)
             changes[name] = value
         elif name == "fallback_enabled":
             if not isinstance(value, bool):

@@ -20,6 +20,7 @@ from gateway.api.common import (
 from gateway.core.errors import BadRequest, NotFound
 
 PREFIX = "/admin/v1"
+MAX_REASON_CHARS = 500
 
 
 def _admin(request: Request) -> Any:
@@ -116,6 +117,8 @@ async def emergency_stop(request: Request) -> Response:
         only_fields(body, ("enabled", "reason"))
         enabled = field_of(body, "enabled", bool, required=True)
         reason = field_of(body, "reason", str)
+        if reason is not None and len(reason) > MAX_REASON_CHARS:
+            raise BadRequest(f"Field 'reason' must be at most {MAX_REASON_CHARS} characters.", param="reason")
         await gateway.stop.set(enabled, reason)
         await gateway.store.audit.append(
             actor="admin", action="emergency_stop.on" if enabled else "emergency_stop.off",

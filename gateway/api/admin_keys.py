@@ -8,7 +8,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
-from gateway.api.common import gateway_of, json_body, json_response, only_fields
+from gateway.api.common import body_bytes, gateway_of, json_response, only_fields, parse_json_object
 
 PREFIX = "/admin/v1"
 
@@ -22,8 +22,9 @@ def _provisioner(request: Request) -> Any:
 async def managed_key(request: Request) -> Response:
     provisioner = _provisioner(request)
     user_id = request.path_params["user_id"]
-    empty = request.method == "POST" and not request.headers.get("content-type") and not await request.body()
-    body = {} if empty else await json_body(request)  # POST's body is optional: {} = the tier's default limit
+    raw = await body_bytes(request)
+    empty = request.method == "POST" and not request.headers.get("content-type") and not raw
+    body = {} if empty else parse_json_object(request, raw)  # POST's body is optional: {} = the tier's default limit
     if request.method == "POST":
         only_fields(body, ("limit_usd",))
         described = await provisioner.provision(user_id, actor="admin", **body)

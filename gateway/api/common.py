@@ -37,13 +37,31 @@ def error_response(error: GatewayError, request: Request | None = None) -> Respo
     return Response(error.body(), status_code=error.status, media_type="application/json", headers=headers)
 
 
-async def json_body(request: Request, *, max_bytes: int = 1 << 20) -> dict[str, Any]:
+async def body_bytes(request: Request, *, max_bytes: int | None = None) -> bytes:
+    """The request body, refused (413) as soon as it passes `server.max_api_body_bytes`: never buffered whole first."""
+    limit = gateway_of(request).config.server.max_api_body_bytes if max_bytes is None else max_bytes
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"The request body is {declared} bytes; the limit is {limit} (server.max_api_body_bytes).")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"The request body is over {limit} bytes (server.max_api_body_bytes).")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def require_json(request: Request) -> None:
     content_type = request.headers.get("content-type", "")
     if content_type.split(";", 1)[0].strip().lower() != "application/json":
-        raise UnsupportedMediaType(f"Content-Type must be application/json (got {content_type or 'none'}).")
-    raw = await request.body()
-    if len(raw) > max_bytes:
-        raise PayloadTooLarge(f"The request body is over {max_bytes} bytes.")
+        raise UnsupportedMediaType(f"Content-Type must be application/json (got {content_type[:100] or 'none'}).")
+
+
+def parse_json_object(request: Request, raw: bytes) -> dict[str, Any]:
+    """A JSON object from an application/json body (415 for another type, 400 naming what is wrong)."""
+    require_json(request)
     try:
         body = orjson.loads(raw) if raw else {}
     except orjson.JSONDecodeError as exc:
@@ -51,6 +69,12 @@ async def json_body(request: Request, *, max_bytes: int = 1 << 20) -> dict[str, 
     if not isinstance(body, dict):
         raise BadRequest("The request body must be a JSON object.")
     return body
+
+
+async def json_body(request: Request, *, max_bytes: int | None = None) -> dict[str, Any]:
+    """The body as a JSON object; the content type is checked before a byte of the body is read."""
+    require_json(request)
+    return parse_json_object(request, await body_bytes(request, max_bytes=max_bytes))
 
 
 def only_fields(body: dict[str, Any], allowed: Iterable[str]) -> None:

@@ -8,6 +8,7 @@ import logging
 import secrets
 import time
 from typing import Any, MutableMapping
+from urllib.parse import unquote
 
 from starlette.applications import Starlette
 from starlette.middleware.cors import CORSMiddleware
@@ -15,6 +16,7 @@ from starlette.requests import Request
 
 from gateway.api.common import error_response
 from gateway.core.errors import GatewayError
+from gateway.core.logs import redact
 from gateway.core.metrics import Metrics, route_label
 from gateway.proxy.endpoint import ProxyEndpoint, send_error
 
@@ -82,8 +84,10 @@ class GatewayApp:
                 await send_error(send_logged, _internal_error(request_id), request_id)
         finally:
             elapsed = time.perf_counter() - started
-            self.metrics.observe_request(route_label(scope["path"], self.proxies), status, elapsed)
-            if self.access_log_enabled:
+            route = scope.get("route")  # the Starlette route that served it, if any
+            self.metrics.observe_request(route_label(scope["path"], self.proxies, getattr(route, "path", None)),
+                                         status, elapsed)
+            if self.access_log_enabled:  # the formatter redacts every field: a path may carry a token
                 access_log.info(
                     "%s %s %s",
                     scope["method"],
@@ -93,6 +97,7 @@ class GatewayApp:
                         "request_id": request_id,
                         "method": scope["method"],
                         "path": scope["path"],
+                        "query": unquote(scope["query_string"].decode("latin-1")) if scope.get("query_string") else None,
                         "status": status,
                         "duration_ms": round(elapsed * 1000, 2),
                     },
@@ -129,13 +134,14 @@ async def gateway_error(request: Request, exc: Exception) -> Any:
 async def not_found(request: Request, exc: Exception) -> Any:
     from gateway.core.errors import NotFound
 
-    return error_response(NotFound(f"No route {request.method} {request.url.path}; see the API in README.md."), request)
+    return error_response(NotFound(f"No route {request.method} {redact(request.url.path)[:200]}; see the API in README.md."),
+                          request)
 
 
 def wrong_method(method: str, path: str, allow: str) -> GatewayError:
     """405 naming the methods the path serves, in the message and in `Allow` (RFC 9110 §15.5.6)."""
     hint = f"; use {allow.replace(', ', ' or ')}" if allow else ""
-    err = GatewayError(f"Method {method} is not allowed on {path}{hint}.", status=405,
+    err = GatewayError(f"Method {method} is not allowed on {redact(path)[:200]}{hint}.", status=405,
                        headers={"allow": allow} if allow else {})
     err.type = "invalid_request_error"
     return err

@@ -15,6 +15,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from gateway.core.amounts import AmountError, parse_usd
+
 ENV_PREFIX = "GATEWAY_"
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
@@ -31,7 +33,14 @@ class ServerConfig(_Section):
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=0, le=65535)
     workers: int = Field(1, ge=1)
-    max_body_bytes: int = Field(10 * 1024 * 1024, ge=1024)
+    max_body_bytes: int = Field(10 * 1024 * 1024, ge=1024)  # the proxy routes' request bodies
+    max_api_body_bytes: int = Field(64 * 1024, ge=1024)  # the JSON API routes' (settings, admin) bodies
+    max_header_bytes: int = Field(64 * 1024, ge=1024)  # request line + header block; over it → 431
+    max_headers: int = Field(100, ge=8)  # header lines per request; over it → 431
+    header_timeout_s: float = Field(10, gt=0)  # the whole header block must arrive within this
+    body_timeout_s: float = Field(30, gt=0)  # no body byte for this long (or slower than 1 KiB/s after it) → 408
+    keep_alive_timeout_s: float = Field(30, gt=0)  # an idle keep-alive connection is closed after this
+    max_connections: int = Field(2048, ge=1)  # open connections per worker; beyond it → 503 and closed
     request_timeout_s: float = Field(600, gt=0)  # bounds a whole request, a stream's total time included
     shutdown_grace_s: int = Field(30, ge=0)  # SIGTERM: streams drain this long, then end with an SSE error
     cors_origins: list[str] = []
@@ -81,6 +90,16 @@ class ModelsConfig(_Section):
     cache_ttl_s: float = Field(3600, ge=0)
 
 
+def _usd(value: Any) -> Any:
+    """Money in config follows the API's rules (`core.amounts`): a plain decimal from 0 to 10⁹."""
+    if value is None:
+        return None
+    try:
+        return parse_usd(value)
+    except AmountError as exc:
+        raise ValueError(str(exc)) from None
+
+
 class GenerationLookupConfig(_Section):
     first_delay_s: float = Field(0.5, ge=0)
     factor: float = Field(2.0, ge=1)
@@ -97,15 +116,19 @@ class AccountingConfig(_Section):
     low_balance_usd: Decimal = Decimal("10")
     default_estimate_usd: Decimal = Decimal("0.01")
 
+    _amounts = field_validator("low_balance_usd", "default_estimate_usd", mode="before")(_usd)
+
 
 class TierConfig(_Section):
-    markup_pct: Decimal = Field(Decimal("0"), ge=0)
+    markup_pct: Decimal = Field(Decimal("0"), ge=0, le=10_000)
     daily_budget_usd: Decimal | None = None
     monthly_budget_usd: Decimal | None = None
     requests_per_minute: int | None = Field(None, ge=0)
     requests_per_hour: int | None = Field(None, ge=0)
     tokens_per_hour: int | None = Field(None, ge=0)
     max_concurrent: int | None = Field(None, ge=0)
+
+    _budgets = field_validator("markup_pct", "daily_budget_usd", "monthly_budget_usd", mode="before")(_usd)
 
 
 def _default_tiers() -> dict[str, TierConfig]:

@@ -1,9 +1,9 @@
 """Prometheus metrics, kept as plain counters: the request path only adds to a dict.
 
 Rendered in the text exposition format at `GET /metrics`. Labels are bounded (route
-templates, status classes, tier names, limit names, fixed kinds) so the series count
-cannot grow with traffic. `snapshot()` / `render(merged=...)` let a scrape add up what
-several worker processes counted (see `gateway.core.metrics_share`).
+templates, never raw paths; status classes, tier names, limit names, fixed kinds) so the series count
+cannot grow with traffic, and every label value is escaped, so no client text can forge a line.
+`snapshot()` / `render(merged=...)` let a scrape add up what several worker processes counted.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from collections import defaultdict, deque
 from decimal import Decimal
 from typing import Any, Callable, Iterable
 
+UNMATCHED_ROUTE = "unmatched"  # every path no route serves shares this one label
 LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 # `gateway_upstream_errors_total{kind}`: what went wrong talking to OpenRouter (a fixed set)
 UPSTREAM_ERROR_KINDS = ("connection", "broken", "rate_limited", "client_error", "server_error")
@@ -182,9 +183,9 @@ def _escape(value: str) -> str:
     return str(value).replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
 
 
-def route_label(path: str, proxies: Iterable[str]) -> str:
-    """A bounded label: proxy paths as they are, other paths by their first two segments."""
+def route_label(path: str, proxies: Iterable[str], template: str | None = None) -> str:
+    """A bounded label: a proxy path as it is, another route by its template (`/admin/v1/users/{user_id}`),
+    anything no route serves as `UNMATCHED_ROUTE`; never the raw path (ids, tokens, junk)."""
     if path in proxies:
         return path
-    parts = path.split("/")
-    return "/".join(parts[:4]) if path.startswith(("/admin", "/api")) else "/".join(parts[:3])
+    return template or UNMATCHED_ROUTE

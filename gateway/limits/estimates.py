@@ -19,13 +19,20 @@ SMALL_BODY_BYTES = 4096  # `prompt_tokens_bound` bounds bodies up to this size b
 
 
 def _text_chars(value: Any) -> int:
-    if isinstance(value, str):
-        return len(value)
-    if isinstance(value, list):
-        return sum(_text_chars(v) for v in value)
-    if isinstance(value, dict):
-        return _text_chars(value.get("text")) + _text_chars(value.get("content"))
-    return 0
+    """Characters of text in strings, lists and the `text`/`content` of objects, walked with a stack:
+    a client's nesting depth never reaches Python's recursion limit."""
+    chars = 0
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            chars += len(item)
+        elif isinstance(item, list):
+            stack.extend(item)
+        elif isinstance(item, dict):
+            stack.append(item.get("text"))
+            stack.append(item.get("content"))
+    return chars
 
 
 def prompt_tokens_bound(body: dict[str, Any], size: int | None = None) -> int:

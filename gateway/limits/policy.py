@@ -6,12 +6,12 @@ hour (429), then the daily and monthly budget (402). Both counter backends apply
 
 from __future__ import annotations
 
-import logging
 import math
 from dataclasses import dataclass, field, fields
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 from typing import Any, Protocol
 
+from gateway.core.amounts import stored_count, stored_usd
 from gateway.core.clock import iso
 from gateway.core.config import TierConfig
 from gateway.core.errors import PaymentRequired, RateLimited
@@ -21,9 +21,6 @@ from gateway.core.windows import (
     frees_at,
     period_end,
 )
-
-log = logging.getLogger("gateway.limits.limiter")
-
 
 MINUTE, HOUR = 60.0, 3600.0
 MINUTE_BUCKET_S, HOUR_BUCKET_S = SlidingWindow(MINUTE).bucket_s, SlidingWindow(HOUR).bucket_s
@@ -72,13 +69,9 @@ class Limits:
         for name, value in (overrides or {}).items():
             if name not in values or value is None:
                 continue
-            if name.endswith("_usd"):
-                try:
-                    values[name] = Decimal(str(value))
-                except InvalidOperation:
-                    log.warning("ignoring unreadable override %s=%r", name, value)
-            elif isinstance(value, int) and not isinstance(value, bool):
-                values[name] = value
+            checked = stored_usd(value) if name.endswith("_usd") else stored_count(value)
+            if checked is not None:  # out of range (an older version's value): unset, reported at start-up
+                values[name] = checked
         return cls(**values)
 
 

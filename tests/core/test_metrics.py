@@ -2,7 +2,7 @@
 
 from decimal import Decimal
 
-from gateway.core.metrics import Metrics, route_label
+from gateway.core.metrics import UNMATCHED_ROUTE, Metrics, route_label
 
 
 def test_render_counts_requests_by_route_and_status_class() -> None:
@@ -36,9 +36,25 @@ def test_gauges_are_read_at_render_time() -> None:
     assert "gateway_streams_in_flight 1" in metrics.render()
 
 
-def test_route_labels_are_bounded() -> None:
+def test_route_labels_are_templates_never_raw_paths() -> None:
     proxies = {"/v1/chat/completions"}
     assert route_label("/v1/chat/completions", proxies) == "/v1/chat/completions"
-    assert route_label("/admin/v1/users/alice/tokens", proxies) == "/admin/v1/users"
-    assert route_label("/admin/v1/users/bob", proxies) == "/admin/v1/users"
-    assert route_label("/v1/models/free", proxies) == "/v1/models"
+    assert route_label("/admin/v1/users/alice/tokens", proxies, "/admin/v1/users/{user_id}/tokens") == (
+        "/admin/v1/users/{user_id}/tokens")
+    assert route_label("/v1/models/sk-or-v1-secret", proxies) == UNMATCHED_ROUTE
+    assert route_label('/v1/"}\ninjected_metric 1', proxies) == UNMATCHED_ROUTE
+
+
+def test_label_values_are_escaped_and_the_output_parses() -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    metrics = Metrics()
+    metrics.observe_request('/v1/"}\ninjected_metric 1\\', 200, 0.01)
+    metrics.observe_upstream_error('x"y')
+    metrics.observe_generation('tier\n"1', 3, 4, Decimal("0.5"))
+    text = metrics.render()
+    assert "\ninjected_metric" not in text
+    families = {family.name: family for family in text_string_to_metric_families(text)}
+    [sample] = [s for s in families["gateway_requests"].samples]
+    assert sample.labels["route"] == '/v1/"}\ninjected_metric 1\\'
+    assert {s.labels["tier"] for s in families["gateway_cost_usd"].samples} == {'tier\n"1'}

@@ -13,6 +13,7 @@ from typing import Any, Iterator
 import httpx
 import orjson
 import pytest
+
 from tests.conftest import Emulator, start_gateway
 from tests.e2e.test_faults_e2e import CHAT, UNLIMITED, poll, sqlite_rows
 

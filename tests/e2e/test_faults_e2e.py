@@ -359,6 +359,7 @@ def test_a_missing_or_wrong_master_key_is_refused_never_replaced(tmp_path, emula
 
 def test_a_rotated_out_managed_key_serves_requests_in_flight_then_is_deleted_after_a_restart(tmp_path, emulator):
     import httpx
+
     from openrouter_emulator.app import DEMO_MANAGEMENT_KEY
 
     env = {"GATEWAY_UPSTREAM__MANAGEMENT_KEY": DEMO_MANAGEMENT_KEY}

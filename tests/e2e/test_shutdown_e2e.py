@@ -13,6 +13,7 @@ from typing import Any, Iterator
 import httpx
 import orjson
 import pytest
+
 from tests.conftest import Emulator, start_gateway
 from tests.e2e.test_faults_e2e import CHAT, UNLIMITED, poll, sqlite_rows
 
@@ -58,7 +59,7 @@ def refused_or_503_within(port: int) -> float:
                 sock.settimeout(2)
                 sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
                 answer = sock.recv(64)
-        except ConnectionRefusedError:
+        except (ConnectionRefusedError, ConnectionResetError):  # reset: accepted into a socket that then closed
             break
         if answer == b"" or b" 503 " in answer:
             break
