@@ -460,3 +460,51 @@ def test_a_rotated_out_managed_key_serves_requests_in_flight_then_is_deleted_aft
         gw.stop()
     assert sqlite_rows(tmp_path / "gateway.db", "SELECT COUNT(*) FROM retired_keys") == [(0,)]
 
+
+# ---------------------------------------------------------------- (10) the change feed is pruned by one instance
+
+
+def test_two_instances_on_one_database_prune_the_change_feed_once_by_its_lease(tmp_path, emulator):
+    import re
+
+    from gateway.core.clock import iso
+
+    db = tmp_path / "gateway.db"
+    settings = {"jobs": {"change_feed_retention_s": 2}, "tiers": UNLIMITED}  # pruned every second, lease 3 s
+    gws = [start_gateway(tmp_path, emulator, settings), start_gateway(tmp_path, emulator, settings)]
+
+    def add_rows(tag: str) -> None:
+        now = time.time()
+        rows = [("user", f"{tag}-old-{n}", iso(now - 3600)) for n in range(5)]
+        rows += [("user", f"{tag}-new-{n}", iso(now)) for n in range(3)]
+        sqlite_rows(db, "INSERT INTO changes (kind, subject, created_at) VALUES " + ", ".join(["(?, ?, ?)"] * 8),
+                    tuple(v for row in rows for v in row))
+
+    def subjects(tag: str) -> set[str]:
+        return {r[0] for r in sqlite_rows(db, "SELECT subject FROM changes WHERE subject LIKE ?", (f"{tag}-%",))}
+
+    def pruners() -> list[set[str]]:
+        """Per gateway, the lease holders its log says pruned."""
+        return [set(re.findall(r"pruned \d+ rows older than 2 s \(job lease holder (pruner-\w+)\)", gw.output()))
+                for gw in gws]
+
+    try:
+        add_rows("a")
+        # the first run after the rows arrive (within a second) drops the old ones; the new ones are < 2 s old
+        poll(lambda: not any(s.startswith("a-old") for s in subjects("a")), timeout=10, every=0.02)
+        assert subjects("a") == {f"a-new-{n}" for n in range(3)}
+        poll(lambda: not subjects("a"), timeout=10)  # and once they are older than the retention
+        [(holder,)] = sqlite_rows(db, "SELECT owner FROM job_leases WHERE name = 'change_feed_pruning'")
+        first = [n for n, names in enumerate(pruners()) if names]
+        assert len(first) == 1 and pruners()[first[0]] == {holder}  # both run the job; one prunes
+
+        assert gws[first[0]].stop() == 0  # the holder goes: the other takes the lease over once it runs out
+        other = gws[1 - first[0]]
+        add_rows("b")
+        poll(lambda: not subjects("b"), timeout=15)
+        [(taker,)] = sqlite_rows(db, "SELECT owner FROM job_leases WHERE name = 'change_feed_pruning'")
+        assert taker != holder and pruners()[1 - first[0]] == {taker}
+        assert other.process.poll() is None
+    finally:
+        for gw in gws:
+            gw.stop()
