@@ -38,12 +38,15 @@ init: $(STAMP)
 test: $(TEST_STAMP)
 	$(BIN)/python -m pytest
 
-# The long runs: schemathesis with many generated requests per operation of /openapi.json, then the fuzz
-# suite at 20,000 random requests over every route (SOAK_EXAMPLES=N to change); about 15 minutes in all
+# The long runs: schemathesis with many generated requests per operation of /openapi.json, the fuzz
+# suite at 20,000 random requests over every route (SOAK_EXAMPLES=N to change), then a 16,000-request
+# burst's settlement measured (bench/settle.py: look-ups/s once traffic stops, idle CPU after); about
+# 17 minutes in all
 SOAK_EXAMPLES ?= 20000
 soak: $(TEST_STAMP)
 	GATEWAY_SOAK=1 $(BIN)/python -m pytest -q tests/e2e/test_openapi_e2e.py
 	GATEWAY_FUZZ_EXAMPLES=$(SOAK_EXAMPLES) $(BIN)/python -m pytest -s -o timeout=0 tests/e2e/test_fuzz_e2e.py
+	$(BIN)/python -m bench.settle
 
 # ruff, mypy and the import-linter contracts in pyproject.toml (imports flow one way; the emulator stands alone)
 lint: $(TEST_STAMP)

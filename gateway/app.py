@@ -36,7 +36,7 @@ from gateway.core.config import Config
 from gateway.core.lifecycle import Lifecycle
 from gateway.core.metrics import Metrics
 from gateway.instance import Gateway
-from gateway.limits.limiter import Limiter, open_counters
+from gateway.limits.limiter import Limiter, local_fallback, open_counters
 from gateway.proxy.endpoint import ProxyEndpoint
 from gateway.proxy.stop import EmergencyStop
 from gateway.proxy.types import (
@@ -118,7 +118,12 @@ async def open_gateway(
     # -- limits: spend from the database, then from each charge and the ledger's corrections --
     counters = await open_counters(cfg, store.usage)
     lifecycle.on_shutdown(counters.close)
-    limiter = Limiter(cfg, counters, catalog, clock=clock)
+    # redis.on_error: local — this process's own counters, seeded from the database, while Redis is unreachable
+    fallback = local_fallback(cfg, counters, store.usage, clock=clock, on_admitted=metrics.observe_limits_fallback)
+    if fallback is not None:
+        lifecycle.on_shutdown(fallback.close)
+        metrics.gauge("gateway_limits_fallback", lambda: float(fallback.active))
+    limiter = Limiter(cfg, counters, catalog, clock=clock, fallback=fallback)
     await limiter.load_spend(store.usage)
     ledger.on_total_changed(limiter.on_total_changed)
 

@@ -33,8 +33,8 @@ async def ready(request: Request) -> Response:
         checks["upstream"] = "ok"
     except (TimeoutError, UpstreamConnectionError) as exc:
         checks["upstream"] = f"error: {type(exc).__name__}"
-    counters = gateway.limiter.counters
-    if isinstance(counters, RedisCounters):  # shared limits in Redis: no admission without it (`redis.on_error`)
+    counters = gateway.limiter.backend  # Redis even while admissions run on local counters (`redis.on_error: local`)
+    if isinstance(counters, RedisCounters):  # shared limits in Redis: named whenever it does not answer
         try:
             await asyncio.wait_for(counters.ping(), 3)
             checks["redis"] = "ok"

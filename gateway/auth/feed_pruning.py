@@ -34,7 +34,8 @@ class FeedPruning:
             return None
         removed = await self._store.changes.prune(iso(now - self.retention_s))
         if removed:
-            log.info("change feed: pruned %d rows older than %g s", removed, self.retention_s)
+            log.info("change feed: pruned %d rows older than %g s (job lease holder %s)", removed, self.retention_s,
+                     self.owner)
         return removed
 
     async def run(self) -> None:

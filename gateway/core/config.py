@@ -60,7 +60,9 @@ class DatabaseConfig(_Section):
 
 class RedisConfig(_Section):
     url: str | None = None
-    on_error: Literal["closed"] = "closed"  # Redis unreachable: refuse with a 503 (`local` is not built yet)
+    # Redis unreachable: refuse proxied requests with a 503 (`closed`), or admit on each instance's own
+    # counters seeded from the database until it answers (`local`: limits then hold per instance only)
+    on_error: Literal["closed", "local"] = "closed"
 
 
 class SecurityConfig(_Section):

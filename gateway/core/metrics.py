@@ -29,6 +29,8 @@ COUNTERS = {  # family → its label names, in order
     "gateway_markup_usd_total": ("tier",),
     "gateway_limit_refusals_total": ("limit",),
     "gateway_catalog_requests_total": ("result",),
+    # admissions decided on an instance's own counters while Redis was unreachable (`redis.on_error: local`)
+    "gateway_limits_fallback_total": (),
 }
 HISTOGRAMS = {
     "gateway_request_duration_seconds": ("route",),
@@ -63,6 +65,7 @@ class Metrics:
         self.markup: defaultdict[str, Decimal] = defaultdict(lambda: Decimal(0))
         self.refusals: defaultdict[str, int] = defaultdict(int)
         self.catalog: defaultdict[str, int] = defaultdict(int)
+        self.limits_fallback = 0
         self.gauges: dict[str, Callable[[], float]] = {}
         # the last refusals and upstream errors of this process, newest last (the dashboard lists them)
         self.recent: deque[dict[str, Any]] = deque(maxlen=RECENT_PROBLEMS)
@@ -98,6 +101,9 @@ class Metrics:
     def observe_catalog(self, result: str) -> None:
         self.catalog[result] += 1
 
+    def observe_limits_fallback(self) -> None:
+        self.limits_fallback += 1
+
     def gauge(self, name: str, read: Callable[[], float]) -> None:
         self.gauges[name] = read
 
@@ -113,6 +119,7 @@ class Metrics:
             "gateway_markup_usd_total": [[[k], format(v, "f")] for k, v in self.markup.items()],
             "gateway_limit_refusals_total": [[[k], v] for k, v in self.refusals.items()],
             "gateway_catalog_requests_total": [[[k], v] for k, v in self.catalog.items()],
+            "gateway_limits_fallback_total": [[[], self.limits_fallback]] if self.limits_fallback else [],
         }
         histograms = {
             "gateway_request_duration_seconds": [[[r], h.counts, h.total, h.count] for r, h in self.latency.items()],

@@ -31,8 +31,10 @@ undercounted; a request in flight across the loss may be counted twice (the safe
 side), and the reservations of requests in flight at the loss are not restored.
 
 Dead pooled connections (Redis restarted) are retried at once on a fresh connection;
-Redis unreachable makes admission fail fast with a 503 naming it (`redis.on_error:
-closed`); queued counter updates are kept and written again once it answers.
+Redis unreachable makes admission fail fast with `CountersUnreachable`, a 503 naming it
+(`redis.on_error: closed`), or the limiter admits on local counters meanwhile
+(`redis.on_error: local`, `limits.fallback`); queued counter updates are kept and written
+again once it answers. Failures are logged once, then at most once a minute while they last.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ import asyncio
 import itertools
 import logging
 import secrets
+import time
 from decimal import Decimal
 from typing import Any, Awaitable, Callable
 
@@ -147,6 +150,15 @@ redis.call('HDEL', KEYS[1], 'lost_at')
 redis.call('EXPIRE', KEYS[1], ARGV[1])
 return 1
 """
+# KEYS: 1 spend hash. ARGV: 1 ttl, then field, amount pairs (picodollars). A charge made while Redis was
+# unreachable (admitted on local counters): added only to a hash that still vouches for its spend. An
+# unseeded hash (Redis came back empty) is rebuilt from the database, which holds that charge already.
+SPEND_IF_SEEDED = """
+if redis.call('HEXISTS', KEYS[1], 'seeded') == 0 then return 0 end
+for i = 2, #ARGV, 2 do redis.call('HINCRBY', KEYS[1], ARGV[i], ARGV[i + 1]) end
+redis.call('EXPIRE', KEYS[1], ARGV[1])
+return 1
+"""
 SPEND_TTL_S = 63 * 86400  # an idle user's hash expires; their next admission rebuilds it
 
 SpendSource = Callable[[str, float, float], Awaitable[dict[str, Decimal]]]
@@ -178,6 +190,7 @@ class RedisCounters:
         self._flushing: asyncio.Task[None] | None = None
         self._ticket_prefix = secrets.token_hex(6) + "-"  # ticket ids are unique across instances
         self._tickets = itertools.count()
+        self._failure_log = _Throttled()
 
     @classmethod
     async def connect(cls, url: str, *, lease_s: float) -> "RedisCounters":
@@ -221,6 +234,28 @@ class RedisCounters:
     async def ping(self) -> None:
         await self._redis.ping()
 
+    async def answers(self) -> bool:
+        """Whether Redis answers a PING now (the local fallback's probe)."""
+        try:
+            await self._redis.ping()
+        except (RedisError, OSError):
+            return False
+        return True
+
+    async def drain(self) -> bool:
+        """Write the queued counter updates now; whether none is left (the fallback's step before switching
+        back, so a charge made meanwhile reaches Redis before any rebuild of a hash it lost)."""
+        if self._ops and (self._flushing is None or self._flushing.done()):
+            self._flushing = asyncio.get_running_loop().create_task(self._flush())
+        if self._flushing is not None:
+            await asyncio.gather(asyncio.shield(self._flushing), return_exceptions=True)
+        return not self._ops
+
+    def _unavailable(self, exc: Exception) -> "CountersUnreachable":
+        """The admission's error when Redis fails; logged once, then at most once a minute while it lasts."""
+        self._failure_log.error("Redis (limits) failed: %s", exc)
+        return CountersUnreachable()
+
     async def _rebuild(self, user_id: str, lost_at: float, now: float) -> None:
         """Rebuild one user's spend hash from the database (see the module doc); one at a time per user."""
         running = self._rebuilding.get(user_id)
@@ -238,7 +273,7 @@ class RedisCounters:
             try:
                 rebuilt = await self._rebuild_script(keys=[self._key(user_id, "s")], args=args)
             except RedisError as exc:
-                raise _unavailable(exc) from None
+                raise self._unavailable(exc) from None
             if rebuilt:
                 self.rebuilds += 1
                 log.warning("Redis had lost the limit counters of user %s: spend rebuilt from the database", user_id)
@@ -274,7 +309,8 @@ class RedisCounters:
                     await pipe.execute()
             except RedisError as exc:
                 # kept, in order, and written again once Redis answers: spend is never dropped
-                log.error("updating %d limit counters in Redis failed (%s); retrying", len(ops), exc)
+                self._failure_log.error("updating limit counters in Redis failed (%s); %d kept to write again",
+                                        exc, len(ops))
                 self._ops = ops + self._ops
                 self._dirty |= self._writing
                 self._writing = set()
@@ -310,12 +346,12 @@ class RedisCounters:
             try:
                 result = await self._admit(keys=keys, args=args)
             except RedisError as exc:
-                raise _unavailable(exc) from None
+                raise self._unavailable(exc) from None
             if result[0] != "unseeded":
                 break
             await self._rebuild(user_id, float(result[1]), now)
         else:
-            raise _unavailable(RuntimeError("spend counters could not be rebuilt"))
+            raise self._unavailable(RuntimeError("spend counters could not be rebuilt"))
         refused, minute, hour, tokens, inflight, reserved, day, week, month, total = result
         snapshot = Snapshot(
             minute=_buckets(minute), hour=_buckets(hour), tokens=_buckets(tokens), inflight=int(inflight),
@@ -353,6 +389,26 @@ class RedisCounters:
 
         self._later(user_id, op)
 
+    def spend_if_seeded(self, user_id: str, at: float, amount: int, tokens: int, now: float) -> None:
+        """`spend` for a charge admitted on local counters while Redis was unreachable (`SPEND_IF_SEEDED`):
+        queued like any update, and counted by Redis only if it kept its data (else the rebuild counts it)."""
+        if not amount and not tokens:
+            return
+        spend_key, fields = self._key(user_id, "s"), self._spend_fields(at)
+        tokens_key, bucket = self._key(user_id, "t"), str(int(now // HOUR_BUCKET_S))
+        args: list[Any] = [SPEND_TTL_S]
+        for field in fields:
+            args += [field, amount]
+
+        def op(pipe: Any) -> None:
+            if amount:
+                pipe.eval(SPEND_IF_SEEDED, 1, spend_key, *args)
+            if tokens:
+                pipe.hincrby(tokens_key, bucket, tokens)
+                pipe.expire(tokens_key, WINDOW_TTL_S["t"])
+
+        self._later(user_id, op)
+
     async def snapshot(self, user_id: str, now: float) -> Snapshot:
         """Read-only: the same counters the admission script reads, for /v1/limits and /v1/key."""
         await self._settled(user_id)
@@ -368,7 +424,7 @@ class RedisCounters:
                     pipe.hmget(key(user_id, "s"), [*self._spend_fields(now), "seeded", "lost_at"])
                     minute, hour, tokens, live, reservations, spend = await pipe.execute()
             except RedisError as exc:
-                raise _unavailable(exc) from None
+                raise self._unavailable(exc) from None
             if spend[4] is not None:
                 break
             await self._rebuild(user_id, float(spend[5]) if spend[5] else now, now)
@@ -405,9 +461,35 @@ class RedisCounters:
         await self._redis.aclose()
 
 
-def _unavailable(exc: Exception) -> ServiceUnavailable:
-    log.error("Redis (limits) failed: %s", exc)
-    return ServiceUnavailable(
-        "The gateway cannot check your limits right now (its shared counter store is unreachable); retry shortly.",
-        headers={"retry-after": "2"},
-    )
+class CountersUnreachable(ServiceUnavailable):
+    """Redis failed an admission or a read: a 503 naming the shared counter store (`redis.on_error: closed`),
+    or the limiter's cue to admit on local counters (`local`)."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "The gateway cannot check your limits right now (its shared counter store is unreachable); retry shortly.",
+            headers={"retry-after": "2"},
+        )
+
+
+class _Throttled:
+    """One log line per message, then at most one a minute (saying how many were held back): Redis down
+    under traffic fails every admission and every write, and the log must not grow with them."""
+
+    def __init__(self, every_s: float = 60.0) -> None:
+        self.every_s = every_s
+        self._last: dict[str, float] = {}
+        self._held: dict[str, int] = {}
+
+    def error(self, message: str, *args: Any) -> None:
+        now = time.monotonic()
+        last = self._last.get(message)
+        if last is not None and now - last < self.every_s:
+            self._held[message] = self._held.get(message, 0) + 1
+            return
+        self._last[message] = now
+        held = self._held.pop(message, 0)
+        if held:
+            log.error(message + " (and %d more times since the last line)", *args, held)
+        else:
+            log.error(message, *args)

@@ -18,6 +18,10 @@ with `redis.url` set (`RedisCounters`, one Lua script per admission, so limits h
 across instances without read-modify-write races). Spend is loaded once at start-up
 (`store.usage.spend_since`), then kept up to date as tickets are released (with the
 charge accounting recorded) and from the ledger's corrections once costs settle.
+
+Redis unreachable: a 503 naming it (`redis.on_error: closed`), or, with `local`, admission on
+this process's own counters seeded from the database until Redis answers (`fallback`): the
+limiter then swaps which counters it calls, so the healthy path does no extra work.
 """
 
 from __future__ import annotations
@@ -30,16 +34,13 @@ from typing import Any, Callable, Protocol
 
 from gateway.auth.tokens import Principal
 from gateway.catalog import ModelPrice, is_free_model
-from gateway.core.clock import Clock, iso, system_clock
+from gateway.core.clock import Clock, system_clock
 from gateway.core.config import Config
 from gateway.core.money import to_pico
-from gateway.core.windows import (
-    PERIODS,
-    period_start,
-)
 from gateway.limits.estimates import Quote
+from gateway.limits.fallback import LocalFallback, database_spend
 from gateway.limits.in_memory import MemoryCounters
-from gateway.limits.in_redis import RedisCounters
+from gateway.limits.in_redis import CountersUnreachable, RedisCounters
 from gateway.limits.policy import Counters, Limits, Refusal, Snapshot, refusal
 from gateway.proxy.types import Charge, ProxyRequest
 
@@ -107,9 +108,14 @@ class _Plan:
 class Limiter:
     """The `Admission` the proxy calls; never touches the database on the request path."""
 
-    def __init__(self, config: Config, counters: Counters, catalog: PriceList, *, clock: Clock = system_clock) -> None:
+    def __init__(self, config: Config, counters: Counters, catalog: PriceList, *, clock: Clock = system_clock,
+                 fallback: LocalFallback | None = None) -> None:
         self.config = config
-        self.counters = counters
+        self.backend = counters  # the configured counters (the readiness check asks Redis through them)
+        self.counters = counters  # those admission uses now: `fallback` while Redis is unreachable
+        self._fallback = fallback
+        if fallback is not None:
+            fallback.when_recovered(self._back_to_shared)
         self.catalog = catalog
         self.clock = clock
         self.default_estimate = config.accounting.default_estimate_usd
@@ -151,7 +157,26 @@ class Limiter:
             hold = await self.counters.acquire(principal.user_id, plan.limits, reserve, free, now)
         except Refusal as refused:
             raise refusal(refused.name, plan.limits, refused.snapshot, now) from None
+        except CountersUnreachable:
+            if self._fallback is None:
+                raise
+            await self._to_fallback(self._fallback)
+            return await self.admit(principal, request)  # on the local counters now
         return LimitTicket(plan, request, hold)
+
+    async def _to_fallback(self, fallback: LocalFallback) -> None:
+        """Redis is unreachable (`redis.on_error: local`): admit on `fallback` until it answers. The plans
+        cached now (those of the requests in flight) finish through it too, so their charges count locally."""
+        await fallback.enter()
+        if fallback.active and self.counters is not fallback:  # (not active: Redis came back meanwhile)
+            self.counters = fallback
+            for user_id, plan in self._plans.items():
+                plan.finish = functools.partial(fallback.finish, user_id)
+
+    def _back_to_shared(self) -> None:
+        """Redis answers again: new plans finish on it (requests admitted locally still finish locally)."""
+        self.counters = self.backend
+        self._plans.clear()
 
     def _admit_in_memory(self, principal: Principal, request: ProxyRequest) -> LimitTicket:
         """`admit` over counters that never wait: no coroutine, no look-up of the user's counters."""
@@ -221,17 +246,20 @@ class Limiter:
 
     async def standing(self, principal: Principal) -> tuple[Limits, Snapshot, float]:
         now = self.clock()
-        return self.limits_of(principal), await self.counters.snapshot(principal.user_id, now), now
+        try:
+            snapshot = await self.counters.snapshot(principal.user_id, now)
+        except CountersUnreachable:
+            if self._fallback is None:
+                raise
+            await self._to_fallback(self._fallback)
+            snapshot = await self.counters.snapshot(principal.user_id, now)
+        return self.limits_of(principal), snapshot, now
 
     async def load_spend(self, usage_repository: Any) -> None:
         """One query per period for every user at start-up; after that, memory only (or Redis,
         which rebuilds a user's spend from these records if it loses it: `in_redis`)."""
         now = self.clock()
-        spend: dict[str, dict[str, Decimal]] = {}
-        for period in PERIODS:
-            spend[period] = await usage_repository.spend_since(iso(period_start(period, now).timestamp()))
-        spend["all"] = await usage_repository.spend_since(iso(0))
-        await self.counters.seed(spend, now)
+        await self.counters.seed(await database_spend(usage_repository, now), now)
 
 
 # -- estimates ---------------------------------------------------------------------
@@ -248,6 +276,15 @@ def _fallback_models(body: dict[str, Any]) -> list[str]:
 # -- installation -----------------------------------------------------------------------
 
 
+def local_fallback(config: Config, counters: Counters, usage: Any, *, clock: Clock = system_clock,
+                   on_admitted: Callable[[], None] = lambda: None) -> LocalFallback | None:
+    """With Redis and `redis.on_error: local`, the counters to admit on while Redis is unreachable."""
+    if config.redis.on_error != "local" or not isinstance(counters, RedisCounters):
+        return None
+    return LocalFallback(counters, usage, settle_wait_s=config.accounting.flush_interval_ms / 1000 + 0.3,
+                         clock=clock, on_admitted=on_admitted)
+
+
 async def open_counters(config: Config, usage: Any) -> Counters:
     """The limit counters: shared in Redis when `redis.url` is set (rebuilding a user's spend from `usage`,
     the database's records, if Redis loses it), else this process's memory."""
@@ -258,4 +295,4 @@ async def open_counters(config: Config, usage: Any) -> Counters:
     return MemoryCounters()
 
 
-__all__ = ["Limiter", "LimitTicket", "open_counters"]
+__all__ = ["Limiter", "LimitTicket", "local_fallback", "open_counters"]

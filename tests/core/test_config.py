@@ -177,6 +177,7 @@ def test_tier_falls_back_to_default_tier_when_removed() -> None:
         ("server:\n  port: 70000\n", r"server\.port: .*65535"),
         ("upstream:\n  retries: -1\n", r"upstream\.retries"),
         ("upstream:\n  client: curl\n", r"upstream\.client"),
+        ("redis:\n  on_error: open\n", r"redis\.on_error: .*'closed' or 'local'"),
         ("upstream:\n  stream_idle_timeout_s: 0\n", r"upstream\.stream_idle_timeout_s: .*greater than 0"),
         ("upstream:\n  stream_idle_timeout_s: soon\n", r"upstream\.stream_idle_timeout_s: .*number"),
         ("jobs:\n  change_feed_retention_s: 0\n", r"jobs\.change_feed_retention_s: .*greater than or equal to 1"),

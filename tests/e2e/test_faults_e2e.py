@@ -278,7 +278,7 @@ def test_redis_restarting_empty_never_loses_spend_on_two_instances(tmp_path, emu
     cost = emulator_cost(emulator)
     budget = cost * Decimal("4.5")  # five requests are admitted (spend 0, 1, 2, 3, 4 × cost < budget), not six
     settings = {
-        "redis": {"url": redis_server.url},
+        "redis": {"url": redis_server.url},  # on_error: closed, the default
         "accounting": {"flush_interval_ms": 50},
         "tiers": {**UNLIMITED, "starter": {"markup_pct": "0", "monthly_budget_usd": str(budget)}},
     }
@@ -298,6 +298,8 @@ def test_redis_restarting_empty_never_loses_spend_on_two_instances(tmp_path, emu
         assert down.status_code == 503 and "shared counter store" in down.json()["error"]["message"]
         ready = gws[1].admin.get("/health/ready")
         assert ready.status_code == 503 and ready.json()["checks"]["redis"].startswith("error")
+        assert "admitting on this process's own counters" not in gws[0].output()  # closed: no local fallback
+        assert metric(gws[0], "gateway_limits_fallback") is None
 
         redis_server.start()  # empty: every counter and every pooled connection is gone
         statuses = [clients[n % 2].post("/v1/chat/completions", json=CHAT) for n in range(8)]
@@ -315,6 +317,68 @@ def test_redis_restarting_empty_never_loses_spend_on_two_instances(tmp_path, emu
     finally:
         for gw in gws:
             gw.stop()
+        redis_server.close()
+
+
+def metric(gw: Any, name: str) -> float | None:
+    """One unlabelled series of the gateway's /metrics (None when it is not there)."""
+    import re
+
+    found = re.search(rf"^{name} (\S+)$", gw.admin.get("/metrics").text, re.M)
+    return float(found.group(1)) if found else None
+
+
+def test_redis_unreachable_with_on_error_local_admits_within_the_budget_on_local_counters(tmp_path, emulator):
+    from decimal import Decimal
+
+    import redis
+
+    from gateway.core.money import to_pico
+
+    redis_server = OwnRedis(tmp_path)
+    cost = emulator_cost(emulator)
+    budget = cost * Decimal("4.5")  # five requests are admitted (spend 0, 1, 2, 3, 4 × cost < budget), not six
+    settings = {
+        "redis": {"url": redis_server.url, "on_error": "local"},
+        "accounting": {"flush_interval_ms": 50},
+        "tiers": {**UNLIMITED, "starter": {"markup_pct": "0", "monthly_budget_usd": str(budget)}},
+    }
+    gw = start_gateway(tmp_path, emulator, settings)
+    db = tmp_path / "gateway.db"
+    try:
+        account = gw.create_user(tier="starter", key=emulator.new_key())
+        client = gw.client(account["token"])
+        assert [client.post("/v1/chat/completions", json=CHAT).status_code for _ in range(2)] == [200, 200]
+        poll(lambda: sqlite_rows(db, "SELECT COUNT(*) FROM usage_records") == [(2,)])
+        assert metric(gw, "gateway_limits_fallback") == 0
+
+        redis_server.kill()
+        # on local counters seeded from the database: the three the budget still allows, then refused
+        codes = [client.post("/v1/chat/completions", json=CHAT).status_code for _ in range(6)]
+        print(f"\nRedis down, on_error local: admitted {2 + codes.count(200)} of the 5 the budget allows")
+        assert codes == [200] * 3 + [402] * 3
+        ready = gw.admin.get("/health/ready")
+        assert ready.status_code == 503 and ready.json()["checks"]["redis"].startswith("error")
+        assert metric(gw, "gateway_limits_fallback") == 1
+        assert metric(gw, "gateway_limits_fallback_total") == 3  # admissions decided locally
+        log = gw.output()
+        assert log.count("admitting on this process's own counters") == 1
+        assert log.count("Redis (limits) failed") == 1  # once, then at most once a minute
+
+        redis_server.start()  # empty: its spend is rebuilt from the database
+        poll(lambda: metric(gw, "gateway_limits_fallback") == 0, timeout=10)
+        assert "Redis (limits) answers again" in gw.output()
+        refused = client.post("/v1/chat/completions", json=CHAT)
+        assert refused.status_code == 402, refused.text  # decided on Redis: 5 × cost spent
+        assert metric(gw, "gateway_limits_fallback_total") == 3
+        spend = redis.Redis(port=redis_server.port, decode_responses=True).hgetall(f"gw:l:{{{account['id']}}}:s")
+        assert spend.get("seeded") == "1" and to_pico(4 * cost) < int(spend["all"]) < to_pico(6 * cost)  # counted once
+        assert gw.admin.get("/health/ready").json()["checks"]["redis"] == "ok"
+        client.close()
+        spent = sqlite_rows(db, "SELECT total_cost FROM usage_records")
+        assert len(spent) == 5 and sum(Decimal(r[0]) for r in spent) == 5 * cost  # the last admitted one overruns
+    finally:
+        gw.stop()
         redis_server.close()
 
 
@@ -395,3 +459,52 @@ def test_a_rotated_out_managed_key_serves_requests_in_flight_then_is_deleted_aft
     finally:
         gw.stop()
     assert sqlite_rows(tmp_path / "gateway.db", "SELECT COUNT(*) FROM retired_keys") == [(0,)]
+
+
+# ---------------------------------------------------------------- (10) the change feed is pruned by one instance
+
+
+def test_two_instances_on_one_database_prune_the_change_feed_once_by_its_lease(tmp_path, emulator):
+    import re
+
+    from gateway.core.clock import iso
+
+    db = tmp_path / "gateway.db"
+    settings = {"jobs": {"change_feed_retention_s": 2}, "tiers": UNLIMITED}  # pruned every second, lease 3 s
+    gws = [start_gateway(tmp_path, emulator, settings), start_gateway(tmp_path, emulator, settings)]
+
+    def add_rows(tag: str) -> None:
+        now = time.time()
+        rows = [("user", f"{tag}-old-{n}", iso(now - 3600)) for n in range(5)]
+        rows += [("user", f"{tag}-new-{n}", iso(now)) for n in range(3)]
+        sqlite_rows(db, "INSERT INTO changes (kind, subject, created_at) VALUES " + ", ".join(["(?, ?, ?)"] * 8),
+                    tuple(v for row in rows for v in row))
+
+    def subjects(tag: str) -> set[str]:
+        return {r[0] for r in sqlite_rows(db, "SELECT subject FROM changes WHERE subject LIKE ?", (f"{tag}-%",))}
+
+    def pruners() -> list[set[str]]:
+        """Per gateway, the lease holders its log says pruned."""
+        return [set(re.findall(r"pruned \d+ rows older than 2 s \(job lease holder (pruner-\w+)\)", gw.output()))
+                for gw in gws]
+
+    try:
+        add_rows("a")
+        # the first run after the rows arrive (within a second) drops the old ones; the new ones are < 2 s old
+        poll(lambda: not any(s.startswith("a-old") for s in subjects("a")), timeout=10, every=0.02)
+        assert subjects("a") == {f"a-new-{n}" for n in range(3)}
+        poll(lambda: not subjects("a"), timeout=10)  # and once they are older than the retention
+        [(holder,)] = sqlite_rows(db, "SELECT owner FROM job_leases WHERE name = 'change_feed_pruning'")
+        first = [n for n, names in enumerate(pruners()) if names]
+        assert len(first) == 1 and pruners()[first[0]] == {holder}  # both run the job; one prunes
+
+        assert gws[first[0]].stop() == 0  # the holder goes: the other takes the lease over once it runs out
+        other = gws[1 - first[0]]
+        add_rows("b")
+        poll(lambda: not subjects("b"), timeout=15)
+        [(taker,)] = sqlite_rows(db, "SELECT owner FROM job_leases WHERE name = 'change_feed_pruning'")
+        assert taker != holder and pruners()[1 - first[0]] == {taker}
+        assert other.process.poll() is None
+    finally:
+        for gw in gws:
+            gw.stop()

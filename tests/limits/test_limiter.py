@@ -531,3 +531,97 @@ async def test_a_users_model_is_priced_once_while_the_catalogue_stays_fresh(coun
     assert await reserved() > first and looked_up == [PAID, PAID]
     await limiter.admit(p, request(model=FREE))
     assert looked_up == [PAID, PAID, FREE]  # another model: looked up
+
+
+# -- redis.on_error: local --------------------------------------------------------------
+
+
+class FlakyShared:
+    """Stands in for `RedisCounters`: admits while `up`, raises `CountersUnreachable` while not, and notes
+    what the fallback hands it (tickets released, charges queued for when it answers)."""
+
+    def __init__(self) -> None:
+        self.up = True
+        self.admitted = 0
+        self.finished: list[tuple[str, int]] = []
+        self.queued: list[int] = []
+
+    def switch(self, up: bool) -> None:
+        self.up = up
+
+    async def acquire(self, user_id: str, limits: Limits, reserve: int, free: bool, now: float) -> str:
+        from gateway.limits.in_redis import CountersUnreachable
+
+        if not self.up:
+            raise CountersUnreachable()
+        self.admitted += 1
+        return f"ticket-{self.admitted}"
+
+    def finish(self, user_id: str, hold: str, at: float, amount: int, tokens: int, now: float) -> None:
+        self.finished.append((hold, amount))
+
+    def spend(self, user_id: str, at: float, amount: int, tokens: int, now: float) -> None:
+        self.queued.append(amount)
+
+    spend_if_seeded = spend
+
+    async def answers(self) -> bool:
+        return self.up
+
+    async def drain(self) -> bool:
+        return True
+
+    async def snapshot(self, user_id: str, now: float) -> Any:
+        raise AssertionError("not read in this test")
+
+    async def seed(self, spend: Any, now: float) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+
+@pytest.mark.anyio
+async def test_on_error_local_admits_on_local_counters_seeded_from_the_database_then_goes_back() -> None:
+    from gateway.core.errors import ServiceUnavailable
+    from gateway.limits.fallback import LocalFallback
+
+    class Usage:
+        async def spend_since(self, since_iso: str, *, user_id: str | None = None) -> dict[str, Decimal]:
+            return {"u1": Decimal("2")}  # spent before the outage, as the database has it
+
+    shared, counted = FlakyShared(), []
+    limiter, clock = make(shared, monthly_budget_usd="5")
+    fallback = LocalFallback(shared, Usage(), settle_wait_s=0, clock=clock,  # type: ignore[arg-type]
+                             on_admitted=lambda: counted.append(1), probe_every_s=0.01)
+    limiter = Limiter(limiter.config, shared, FakeCatalog(), clock=clock, fallback=fallback)  # type: ignore[arg-type]
+    p = principal()
+    in_flight = await limiter.admit(p, request("acme/unlisted"))  # on Redis, still running when it goes
+    shared.switch(up=False)
+    local = [await limiter.admit(p, request("acme/unlisted")) for _ in range(2)]  # $0.5 reserved each
+    assert fallback.active and limiter.counters is fallback and len(counted) == 2
+    in_flight.release(used("1"))  # Redis's ticket released there, its charge counted here too: $3 spent
+    assert shared.finished == [("ticket-1", to_pico(Decimal(1)))]
+    local[0].release(used("1"))  # $4 spent, $0.5 reserved
+    local.append(await limiter.admit(p, request("acme/unlisted")))  # 4 + 0.5 < 5
+    with pytest.raises(PaymentRequired):
+        await limiter.admit(p, request("acme/unlisted"))  # 4 + 1.0 ≥ 5: refused, never past the budget
+    assert len(counted) == 3 and shared.queued == [to_pico(Decimal(1))]  # the local charge, queued for Redis
+
+    shared.switch(up=True)
+    for _ in range(200):
+        if limiter.counters is shared:
+            break
+        await asyncio.sleep(0.01)
+    assert limiter.counters is shared and not fallback.active
+    await limiter.admit(p, request("acme/unlisted"))  # decided on Redis again
+    assert shared.admitted == 2 and len(counted) == 3
+    local[1].release(used("1"))  # admitted locally, ends after the switch: queued for Redis all the same
+    assert shared.queued == [to_pico(Decimal(1))] * 2
+    await fallback.close()
+
+    down = FlakyShared()
+    down.switch(up=False)
+    closed_limiter, _ = make(down, monthly_budget_usd="5")  # no fallback: on_error closed
+    with pytest.raises(ServiceUnavailable, match="shared counter store is unreachable"):
+        await closed_limiter.admit(p, request("acme/unlisted"))
