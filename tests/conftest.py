@@ -13,7 +13,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import httpx
 import pytest
@@ -43,6 +43,20 @@ def principal(user_id: str = "u1", *, tier: str = "starter", status: str = "acti
     provider_key = ProviderKey(kind="byok", secret=key) if isinstance(key, str) else key
     return Principal(user_id=user_id, token_id=token_id, tier=tier, status=status, overrides=overrides or {},
                      key=provider_key)
+
+
+def wait_for(condition: Callable[[], Any], what: str = "condition", *, timeout: float = 15.0,
+             every: float = 0.05) -> Any:
+    """Poll `condition()` until it is truthy and return its value; fail naming `what` after `timeout` s
+    (the test asserts on the value, never on how long it took)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(every)
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ import threading
 import time
 from decimal import Decimal
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import httpx
 import openai
@@ -29,6 +29,7 @@ from tests.conftest import (
     free_port,
     start_gateway,
     stop_process,
+    wait_for,
     wait_http,
 )
 
@@ -44,18 +45,6 @@ def settings(flush_interval_ms: int = 50, **lookup: Any) -> dict[str, Any]:
         "tiers": {name: {"markup_pct": pct} for name, pct in TIERS.items()},
         "accounting": {"flush_interval_ms": flush_interval_ms, "generation_lookup": {**FAST_LOOKUPS, **lookup}},
     }
-
-
-def wait_for(condition: Callable[[], Any], timeout: float = 15, what: str = "condition") -> Any:
-    """Poll until `condition()` is truthy (the assertion is on the value, not on elapsed time)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 def rows(db: Path, sql: str = "SELECT * FROM usage_records", params: tuple[Any, ...] = ()) -> list[dict[str, Any]]:

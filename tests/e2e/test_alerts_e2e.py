@@ -17,11 +17,12 @@ import time
 from decimal import Decimal
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import pytest
 
 from tests.conftest import ADMIN_TOKEN, ROOT, Emulator, GatewayProcess, start_gateway, write_config
+from tests.conftest import wait_for as poll
 
 SECRET = "whsec-test-0123456789abcdef"
 CHAT = {"model": "openai/gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5}
@@ -62,16 +63,6 @@ def receiver() -> Iterator[Receiver]:
         yield r
     finally:
         r.server.shutdown()
-
-
-def poll(condition: Callable[[], Any], what: str, timeout: float = 20) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def alerts(gateway: GatewayProcess) -> dict[str, Any]:

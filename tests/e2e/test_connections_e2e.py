@@ -19,6 +19,7 @@ from typing import Any, Iterator
 import httpx
 import orjson
 import pytest
+
 from tests.conftest import (
     ADMIN_TOKEN,
     Emulator,

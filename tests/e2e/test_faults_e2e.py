@@ -15,21 +15,10 @@ from typing import Any, Iterator
 import pytest
 
 from tests.conftest import Emulator, free_port, start_gateway
+from tests.conftest import wait_for as poll
 
 CHAT = {"model": "openai/gpt-4o-mini", "messages": [{"role": "user", "content": "Say hello, please!"}]}
 UNLIMITED = {name: {"markup_pct": "0"} for name in ("trial", "starter", "professional", "enterprise")}
-
-
-def poll(condition: Any, timeout: float = 10.0, every: float = 0.02) -> Any:
-    """Wait for `condition()` to be truthy (returned), failing at the deadline."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout}s")
-        time.sleep(every)
 
 
 class SilentUpstream:

@@ -30,11 +30,11 @@ from urllib.parse import quote, urlencode
 import httpx
 import orjson
 import pytest
-from tests.conftest import ADMIN_TOKEN, Emulator, GatewayProcess, start_gateway
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from openrouter_emulator.app import DEMO_MANAGEMENT_KEY
+from tests.conftest import ADMIN_TOKEN, Emulator, GatewayProcess, start_gateway
 
 EXAMPLES = int(os.environ.get("GATEWAY_FUZZ_EXAMPLES", "300"))
 SOAK = EXAMPLES > 1000

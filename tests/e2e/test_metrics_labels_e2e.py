@@ -9,8 +9,9 @@ from typing import Iterator
 
 import httpx
 import pytest
-from tests.conftest import Emulator, GatewayProcess, start_gateway
 from prometheus_client.parser import text_string_to_metric_families
+
+from tests.conftest import Emulator, GatewayProcess, start_gateway
 
 
 @pytest.fixture(scope="module")

@@ -9,32 +9,20 @@ from __future__ import annotations
 
 import base64
 import sqlite3
-import time
 from decimal import Decimal
-from typing import Any, Callable
+from typing import Any
 
 import httpx
 import openai
 import pytest
 
-from tests.conftest import Emulator, GatewayProcess
+from tests.conftest import Emulator, GatewayProcess, wait_for
 
 MODEL = "openai/gpt-4o-mini"
 
 
 def oai(gateway: GatewayProcess, token: str, prefix: str = "/v1") -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{gateway.url}{prefix}", api_key=token, max_retries=0, timeout=30)
-
-
-def wait_for(condition: Callable[[], Any], timeout: float = 20, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 def records(gateway: GatewayProcess, generation_id: str) -> list[dict[str, Any]]:

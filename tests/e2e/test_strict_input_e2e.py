@@ -10,6 +10,7 @@ from typing import Any, Iterator
 import httpx
 import orjson
 import pytest
+
 from tests.conftest import ADMIN_TOKEN, Emulator, GatewayProcess, start_gateway
 
 BAD_MONEY = ["1e999999999", "1e-999999999", "1e-99999999", "1_000", "\u0663", " 5 ", "NaN", "Infinity", "-1", -1,
