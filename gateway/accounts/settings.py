@@ -21,6 +21,7 @@ import asyncio
 import logging
 import math
 from dataclasses import asdict, dataclass, replace
+from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -108,6 +109,8 @@ def validate_changes(body: dict[str, Any]) -> dict[str, Any]:
                 )
             changes[name] = tuple(_model_id(item, name) for item in value)
         elif name == "temperature":
+            if isinstance(value, Decimal):  # JSON API bodies parse decimals exactly; a temperature is no money
+                value = float(value)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not (
                 0 <= value <= 2
             ):

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import json
+from decimal import Decimal
 from typing import TYPE_CHECKING, Any, Iterable
 
-import orjson
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
@@ -59,12 +60,17 @@ def require_json(request: Request) -> None:
         raise UnsupportedMediaType(f"Content-Type must be application/json (got {content_type[:100] or 'none'}).")
 
 
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")  # as orjson and RFC 8259: no NaN or Infinity
+
+
 def parse_json_object(request: Request, raw: bytes) -> dict[str, Any]:
     """A JSON object from an application/json body (415 for another type, 400 naming what is wrong)."""
     require_json(request)
     try:
-        body = orjson.loads(raw) if raw else {}
-    except orjson.JSONDecodeError as exc:
+        # decimals parse exactly (money never passes through float); the body is bounded and off the hot path
+        body = json.loads(raw, parse_float=Decimal, parse_constant=_no_constant) if raw else {}
+    except (ValueError, RecursionError) as exc:
         raise BadRequest(f"The request body is not valid JSON: {exc}.") from None
     if not isinstance(body, dict):
         raise BadRequest("The request body must be a JSON object.")

@@ -27,18 +27,20 @@ class AmountError(ValueError):
 
 
 def parse_usd(value: Any) -> Decimal:
-    """An exact amount of US dollars from a JSON number (int, Decimal or float) or a decimal string."""
-    if isinstance(value, bool) or not isinstance(value, (int, float, str, Decimal)):
+    """An exact amount of US dollars from a JSON number (int, or Decimal: the API and config parse decimals
+    exactly) or a decimal string. A float is refused: it cannot hold money exactly."""
+    if isinstance(value, float):
+        raise TypeError("money must not pass through float; parse JSON and YAML decimals as Decimal")
+    if isinstance(value, bool) or not isinstance(value, (int, str, Decimal)):
         raise AmountError(f"must be {USD_RULE}")
     if isinstance(value, int):
         if not 0 <= value <= MAX_USD:
             raise AmountError(f"must be {USD_RULE}")
         return Decimal(value)
-    if isinstance(value, float):  # read through its shortest repr, the number the client wrote
-        amount = Decimal(repr(value))
-        if not amount.is_finite() or amount < 0 or amount > MAX_USD or _places(amount) > MAX_PLACES:
+    if isinstance(value, Decimal):
+        if not value.is_finite() or value < 0 or value > MAX_USD or _places(value) > MAX_PLACES:
             raise AmountError(f"must be {USD_RULE}")
-        return amount
+        return value
     text = str(value)
     if len(text) > 24 or not _PLAIN.fullmatch(text):
         raise AmountError(f"must be {USD_RULE}")

@@ -92,6 +92,22 @@ class ModelsConfig(_Section):
     cache_ttl_s: float = Field(3600, ge=0)
 
 
+class _DecimalLoader(yaml.SafeLoader):
+    """YAML's safe loader with decimals read as `Decimal`: money in the config never passes through float
+    (pydantic turns them into floats where a field is a duration or a share)."""
+
+
+def _decimal(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> Any:
+    text = str(loader.construct_scalar(node)).replace("_", "")
+    try:
+        return Decimal(text)
+    except ArithmeticError:  # .inf, .nan and the like: what YAML itself makes of them
+        return loader.construct_yaml_float(node)
+
+
+_DecimalLoader.add_constructor("tag:yaml.org,2002:float", _decimal)
+
+
 def _usd(value: Any) -> Any:
     """Money in config follows the API's rules (`core.amounts`): a plain decimal from 0 to 10⁹."""
     if value is None:
@@ -268,7 +284,7 @@ def _env_overrides(environ: dict[str, str]) -> dict[str, Any]:
             if not isinstance(node, dict):
                 raise ConfigError(f"{name}: conflicts with another GATEWAY_ variable")
         try:
-            value = yaml.safe_load(raw) if raw.strip() else None
+            value = yaml.load(raw, _DecimalLoader) if raw.strip() else None
         except yaml.YAMLError:
             value = raw
         if path[-1] in {"master_keys", "admin_token", "management_key", "url", "base_url"}:
@@ -308,7 +324,7 @@ def load_config(path: str | os.PathLike[str] | None = None, environ: dict[str, s
         if not file.is_file():
             raise ConfigError(f"config file {file} does not exist (run `gateway init` to write one)")
         try:
-            loaded = yaml.safe_load(file.read_text()) or {}
+            loaded = yaml.load(file.read_text(), _DecimalLoader) or {}
         except yaml.YAMLError as exc:
             raise ConfigError(f"{file}: not valid YAML: {exc}") from None
         if not isinstance(loaded, dict):

@@ -189,7 +189,7 @@ async def test_a_lost_create_answer_is_rolled_back_at_once(world: World) -> None
 async def test_update_changes_upstream_then_local(world: World) -> None:
     await world.prov.provision("u1", actor="admin")
     row = await world.local()
-    described = await world.prov.update("u1", {"limit_usd": 7.25, "disabled": True}, actor="admin")
+    described = await world.prov.update("u1", {"limit_usd": Decimal("7.25"), "disabled": True}, actor="admin")
     upstream = world.upstream_keys()[row["upstream_hash"]]
     assert upstream.limit == Decimal("7.25") and upstream.disabled is True
     assert described["limit_usd"] == "7.25" and described["disabled"] is True
