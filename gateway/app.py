@@ -110,7 +110,9 @@ async def open_gateway(
     meter = CpuMeter(activity=lambda: ledger.records_seen)
     settler = Settler(upstream, lookup, key_for=key_lookup(store, vault),
                       is_free_generation=catalog.is_free_generation, clock=clock,
-                      pacer=Pacer(meter, busy_share=lookup.busy_cpu_share, floor_per_s=lookup.busy_floor_per_s))
+                      pacer=Pacer(meter, busy_share=lookup.busy_cpu_share, floor_per_s=lookup.busy_floor_per_s,
+                                  max_backlog=lookup.busy_max_backlog),
+                      metrics=metrics)
     ledger = Ledger(store, cfg, settler=settler, clock=clock, metrics=metrics)
     lifecycle.on_shutdown(ledger.close)
     pricing = Pricing(cfg, catalog.is_free_generation)

@@ -11,10 +11,11 @@ import socket
 import sys
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import Any, Coroutine
 
 import uvicorn
 from uvicorn.supervisors.multiprocess import Multiprocess
+from uvloop import new_event_loop
 
 from gateway.connections import ConnectionLimits, GuardedConfig
 from gateway.core.config import Config, ServerConfig, load_config
@@ -152,12 +153,19 @@ def serve(
         _serve_workers(_uvicorn_config("gateway.server:create_from_env", host, port, config.server,
                                        factory=True, workers=workers))
         return
-    asyncio.run(_serve(config, host, port, demo, demo_port))
+    run_on_uvloop(_serve(config, host, port, demo, demo_port))
+
+
+def run_on_uvloop(main: Coroutine[Any, Any, None]) -> None:
+    """`asyncio.run` on uvloop. uvicorn's `loop="uvloop"` applies only when uvicorn makes the loop itself
+    (`uvicorn.run`, the workers); `Server.serve()` inside `asyncio.run` would run on the stdlib loop."""
+    with asyncio.Runner(loop_factory=new_event_loop) as runner:
+        runner.run(main)
 
 
 def serve_app(app: Any, host: str, port: int) -> None:
     """Run one built app on uvicorn until it is told to stop (the bench's variants use this too)."""
-    asyncio.run(GracefulServer(_uvicorn_config(app, host, port)).serve())
+    run_on_uvloop(GracefulServer(_uvicorn_config(app, host, port)).serve())
 
 
 def _require_free_port(host: str, port: int, what: str, fix: str) -> None:

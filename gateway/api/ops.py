@@ -14,7 +14,9 @@ from gateway.upstream.client import UpstreamConnectionError
 
 
 async def health(request: Request) -> Response:
-    return json_response({"status": "ok"})
+    """Alive; with the event loop it runs on (the bench reports it per target)."""
+    loop = type(asyncio.get_running_loop()).__module__.split(".")[0]
+    return json_response({"status": "ok", "loop": "uvloop" if loop == "uvloop" else "asyncio"})
 
 
 async def ready(request: Request) -> Response:

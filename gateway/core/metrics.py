@@ -31,6 +31,8 @@ COUNTERS = {  # family → its label names, in order
     "gateway_catalog_requests_total": ("result",),
     # admissions decided on an instance's own counters while Redis was unreachable (`redis.on_error: local`)
     "gateway_limits_fallback_total": (),
+    # look-ups of a generation whose response had reported its cost: did /generation say the same?
+    "gateway_settlement_audits_total": ("result",),
 }
 HISTOGRAMS = {
     "gateway_request_duration_seconds": ("route",),
@@ -66,6 +68,7 @@ class Metrics:
         self.refusals: defaultdict[str, int] = defaultdict(int)
         self.catalog: defaultdict[str, int] = defaultdict(int)
         self.limits_fallback = 0
+        self.audits: defaultdict[str, int] = defaultdict(int)
         self.gauges: dict[str, Callable[[], float]] = {}
         # the last refusals and upstream errors of this process, newest last (the dashboard lists them)
         self.recent: deque[dict[str, Any]] = deque(maxlen=RECENT_PROBLEMS)
@@ -101,6 +104,9 @@ class Metrics:
     def observe_catalog(self, result: str) -> None:
         self.catalog[result] += 1
 
+    def observe_audit(self, matched: bool) -> None:
+        self.audits["match" if matched else "differ"] += 1
+
     def observe_limits_fallback(self) -> None:
         self.limits_fallback += 1
 
@@ -120,6 +126,7 @@ class Metrics:
             "gateway_limit_refusals_total": [[[k], v] for k, v in self.refusals.items()],
             "gateway_catalog_requests_total": [[[k], v] for k, v in self.catalog.items()],
             "gateway_limits_fallback_total": [[[], self.limits_fallback]] if self.limits_fallback else [],
+            "gateway_settlement_audits_total": [[[k], v] for k, v in self.audits.items()],
         }
         histograms = {
             "gateway_request_duration_seconds": [[[r], h.counts, h.total, h.count] for r, h in self.latency.items()],
