@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import threading
 from pathlib import Path
 from typing import Any, Callable
 
@@ -51,6 +52,8 @@ class WorkerFiles:
         self.pid = os.getpid() if pid is None else pid
         self._clock = clock
         self._stale_after_s = stale_after_s
+        # one write at a time: the shutdown's write may start while a cancelled periodic one still runs
+        self._writing = threading.Lock()
 
     @property
     def path(self) -> Path:
@@ -61,10 +64,11 @@ class WorkerFiles:
 
     def write(self, content: bytes) -> None:
         """Replace this worker's file at once: a reader sees the previous content or this, never a part."""
-        self.directory.mkdir(parents=True, exist_ok=True)
         temporary = self.path.with_name(self.path.name + ".tmp")
-        temporary.write_bytes(content)
-        os.replace(temporary, self.path)
+        with self._writing:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            temporary.write_bytes(content)
+            os.replace(temporary, self.path)
 
     def snapshots(self) -> list[dict[str, Any]]:
         """The other live workers' latest snapshots; the files of exited processes are deleted."""
@@ -112,10 +116,10 @@ class SnapshotPublisher:
 
     async def publish(self) -> None:
         """Take the snapshot on the event loop (the counters change there), write it in a thread."""
-        content = self._files.encode(self._snapshot())
         try:
+            content = self._files.encode(self._snapshot())
             await asyncio.to_thread(self._files.write, content)
-        except OSError as exc:
+        except Exception as exc:  # noqa: BLE001 - logged; the next second tries again
             if not self._failing:  # said once, not every second
                 log.warning("cannot write this worker's metrics to %s (%s): other workers' scrapes miss its "
                             "counts until it can", self._files.path, exc)
