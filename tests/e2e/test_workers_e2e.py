@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from decimal import Decimal
 from pathlib import Path
@@ -19,6 +22,8 @@ import orjson
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from gateway.core.metrics import Metrics
+from gateway.core.metrics_share import WorkerFiles, metrics_directory
 from tests.conftest import Emulator, GatewayProcess, redis_url_or_skip, start_gateway, wait_for
 
 CHAT_ROUTE = "/v1/chat/completions"
@@ -32,10 +37,12 @@ def start_workers(tmp: Path, emulator: Emulator, overrides: dict[str, Any]) -> G
 
 
 def served_by_worker(tmp: Path) -> dict[int, int]:
-    """Per worker pid, the proxied chat requests it counted, as its file last said."""
+    """Per worker pid (of this run), the proxied chat requests it counted, as its file last said."""
     served = {}
-    for path in (tmp / "data" / "metrics").glob("worker-*.json"):
+    for path in metrics_directory(tmp / "data").glob("worker-*.json"):
         content = orjson.loads(path.read_bytes())
+        if content["group"] == "an-earlier-run":
+            continue
         series = content["snapshot"]["counters"]["gateway_requests_total"]
         served[content["pid"]] = sum(count for (route, _), count in series if route == CHAT_ROUTE)
     return served
@@ -77,8 +84,23 @@ def exact(text: str, sample: str) -> Decimal:
     return Decimal(line.split(" ")[1])
 
 
+def leave_an_earlier_runs_files(tmp: Path) -> Path:
+    """Files a previous run in the same data_dir left: one of a process still alive (this test's, as if
+    its pid had been reused), one of a process gone. Neither may be counted."""
+    earlier = Metrics()
+    for _ in range(1000):
+        earlier.observe_request(CHAT_ROUTE, 200, 0.01)
+    exited = subprocess.Popen([sys.executable, "-c", "pass"])
+    exited.wait()
+    for pid in (os.getpid(), exited.pid):
+        WorkerFiles(metrics_directory(tmp / "data"), "an-earlier-run", pid=pid).write(
+            orjson.dumps({"group": "an-earlier-run", "pid": pid, "at": time.time(), "snapshot": earlier.snapshot()}))
+    return metrics_directory(tmp / "data") / f"worker-{exited.pid}.json"
+
+
 def test_one_scrape_reports_the_sum_over_both_workers(emulator: Emulator, tmp_path: Path) -> None:
     tiers = {"starter": {"markup_pct": "10"}}
+    gone = leave_an_earlier_runs_files(tmp_path)
     gw = start_workers(tmp_path, emulator, {"tiers": tiers, "default_tier": "starter"})
     try:
         user = gw.create_user(tier="starter", key=emulator.new_key())
@@ -95,13 +117,14 @@ def test_one_scrape_reports_the_sum_over_both_workers(emulator: Emulator, tmp_pa
             "requests"] == sent and u, "the ledger to hold every request")
         text, series = wait_for(lambda: (s := scrape(gw.url)) and chat_requests(s[1]) == sent and s,
                                 f"a scrape summing to {sent} requests")
+        assert not gone.exists()  # the earlier run's file of a process that has exited is deleted
 
         # a worker that dies takes its counts out of the sum (a counter reset), and its file goes
         killed, survivor = served
         os.kill(killed, signal.SIGKILL)
         wait_for(lambda: chat_requests(scrape(gw.url)[1]) == served[survivor],
                  f"a scrape without the killed worker's {served[killed]} requests")
-        assert not (tmp_path / "data" / "metrics" / f"worker-{killed}.json").exists()
+        assert not (metrics_directory(tmp_path / "data") / f"worker-{killed}.json").exists()
     finally:
         assert gw.stop() == 0
 
