@@ -11,7 +11,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from decimal import Decimal
 from pathlib import Path
@@ -93,8 +92,8 @@ def leave_an_earlier_runs_files(tmp: Path) -> Path:
     exited = subprocess.Popen([sys.executable, "-c", "pass"])
     exited.wait()
     for pid in (os.getpid(), exited.pid):
-        WorkerFiles(metrics_directory(tmp / "data"), "an-earlier-run", pid=pid).write(
-            orjson.dumps({"group": "an-earlier-run", "pid": pid, "at": time.time(), "snapshot": earlier.snapshot()}))
+        files = WorkerFiles(metrics_directory(tmp / "data"), "an-earlier-run", pid=pid)
+        files.write(files.encode(earlier.snapshot()))
     return metrics_directory(tmp / "data") / f"worker-{exited.pid}.json"
 
 
