@@ -6,6 +6,7 @@ import asyncio
 import gc
 import logging
 import os
+import secrets
 import signal
 import socket
 import sys
@@ -20,6 +21,7 @@ from uvloop import new_event_loop
 from gateway.connections import ConnectionLimits, GuardedConfig
 from gateway.core.config import Config, ServerConfig, load_config
 from gateway.core.logs import configure_logging
+from gateway.core.metrics_share import WORKER_GROUP_ENV
 from gateway.security.first_run import ensure_runtime
 
 DEMO_EMULATOR_PORT = 8090
@@ -83,6 +85,7 @@ class _Workers(Multiprocess):
 
 def _serve_workers(config: uvicorn.Config) -> None:
     """uvicorn.run's several-worker path, with the supervisor above (it exits 0 once the workers have)."""
+    os.environ[WORKER_GROUP_ENV] = secrets.token_hex(8)  # this run's workers, whose metrics a scrape adds up
     _Workers(config, sockets=[config.bind_socket()]).run()
 
 
@@ -128,7 +131,7 @@ def create_from_env() -> Any:
 
     config = load_config(os.environ.get("GATEWAY_CONFIG"))
     configure_logging(config.logging.level)
-    return create_app(config, after_start=settle_garbage_collector)
+    return create_app(config, after_start=settle_garbage_collector, worker_group=os.environ.get(WORKER_GROUP_ENV))
 
 
 def serve(

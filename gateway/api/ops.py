@@ -47,9 +47,10 @@ async def ready(request: Request) -> Response:
 
 
 async def metrics(request: Request) -> Response:
-    """Prometheus text format; unauthenticated like /health (expose it on a private network)."""
+    """Prometheus text format, every worker's figures in one scrape; unauthenticated like /health (expose it
+    on a private network)."""
     gateway = gateway_of(request)
-    return Response(gateway.metrics.render(), media_type="text/plain; version=0.0.4")
+    return Response(await gateway.metrics.scrape(), media_type="text/plain; version=0.0.4")
 
 
 routes = [
