@@ -9,18 +9,68 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from gateway.accounts.byok import connect_byok
-from gateway.api.common import (
-    field_of,
-    gateway_of,
-    json_body,
-    json_response,
-    only_fields,
-    query_int,
+from gateway.accounts.directory import LIMIT_OVERRIDES, STATUSES, USER_ID
+from gateway.api.account import BYOK
+from gateway.api.common import gateway_of, json_body, json_response
+from gateway.api.inputs import (
+    Body,
+    Count,
+    Field,
+    IntParam,
+    Money,
+    Nested,
+    Query,
+    Text,
+    accepts,
+    read_body,
+    read_query,
 )
-from gateway.core.errors import BadRequest, NotFound
+from gateway.core.errors import NotFound
 
 PREFIX = "/admin/v1"
 MAX_REASON_CHARS = 500
+PAGE = IntParam("limit", "rows per page", default=50, low=1, high=500)
+
+
+def _email() -> Field:
+    return Field("email", "string", max_length=254, format="email", description="an email address, unique among users")
+
+
+NEW_USER = Body(
+    Field("id", "string", pattern=USER_ID.pattern, max_length=128, description="the user id; generated when left out",
+          message="User id must be 1-128 characters of letters, digits, '_', '.', '@' or '-'."),
+    _email(),
+    Field("tier", "string", description="a tier of config `tiers`; `default_tier` when left out"),
+)
+USER_CHANGES = Body(
+    Field("tier", "string", nullable=False, description="a tier of config `tiers`"),
+    Field("status", "string", nullable=False, enum=STATUSES, message="status must be 'active' or 'suspended'."),
+    _email(),
+    Nested("limits", nullable=False, message="limits must be an object, e.g. {\"requests_per_minute\": 60}.",
+           description="overrides of the tier's limits; null removes one",
+           body=Body(*(Money(name, hint="; null removes the override") if name.endswith("_usd")
+                       else Count(name, hint="; null removes the override") for name in LIMIT_OVERRIDES),
+                     unknown="Unknown limit {name!r}; limits are: {allowed}.", sort_allowed=False)),
+    unknown="Unknown field {name!r}; you can change: {allowed}.",
+)
+NEW_TOKEN = Body(
+    Field("name", "string", max_length=200, message="name must be a string of at most 200 characters."),
+    Field("expires_at", "string", max_length=64, format="date-time",
+          description="an ISO-8601 time in the future; never when left out",
+          message="expires_at must be an ISO-8601 time such as 2027-01-31T00:00:00Z."),
+)
+STOP = Body(
+    Field("enabled", "boolean", required=True, description="true refuses every proxied request (503)"),
+    Field("reason", "string", max_length=MAX_REASON_CHARS, description="shown in the refusals"),
+)
+USERS_QUERY = Query(PAGE, Text("cursor", "the next_cursor of the previous page"))
+AUDIT_QUERY = Query(
+    PAGE,
+    Text("cursor", "the next_cursor of the previous page", pattern="[0-9]{1,18}",
+         message="cursor must be the next_cursor value of the previous page."),
+    Text("user", "only this user's entries", aliases=("user_id",)),
+    Text("action", "only this action, e.g. user.create"),
+)
 
 
 def _admin(request: Request) -> Any:
@@ -32,28 +82,30 @@ def _admin(request: Request) -> Any:
 # -- users -------------------------------------------------------------------
 
 
+@accepts(POST=NEW_USER)
 async def create_user(request: Request) -> Response:
     gateway = _admin(request)
-    body = await json_body(request)
-    only_fields(body, ("id", "email", "tier"))
+    body = read_body(request, NEW_USER, await json_body(request))
     user = await gateway.directory.add_user(user_id=body.get("id"), email=body.get("email"), tier=body.get("tier"))
     return json_response(user, status=201)
 
 
+@accepts(GET=USERS_QUERY)
 async def list_users(request: Request) -> Response:
     gateway = _admin(request)
-    limit = query_int(request, "limit", 50, low=1, high=500)
-    cursor = request.query_params.get("cursor") or None
-    return json_response(await gateway.directory.list_users(limit=limit, cursor=cursor))
+    query = read_query(request, USERS_QUERY)
+    return json_response(await gateway.directory.list_users(limit=query["limit"], cursor=query["cursor"]))
 
 
+@accepts(PATCH=USER_CHANGES)
 async def user(request: Request) -> Response:
     gateway = _admin(request)
     user_id = request.path_params["user_id"]
     if request.method == "GET":
         return json_response(await gateway.directory.show_user(user_id))
     if request.method == "PATCH":
-        return json_response(await gateway.directory.update_user(user_id, await json_body(request)))
+        changes = read_body(request, USER_CHANGES, await json_body(request))
+        return json_response(await gateway.directory.update_user(user_id, changes))
     if await gateway.directory.get_user(user_id):
         await gateway.provisioner.remove(user_id, actor="admin")  # a managed key is deleted upstream, not orphaned
     await gateway.directory.delete_user(user_id)
@@ -63,13 +115,13 @@ async def user(request: Request) -> Response:
 # -- tokens ------------------------------------------------------------------
 
 
+@accepts(POST=NEW_TOKEN)
 async def user_tokens(request: Request) -> Response:
     gateway = _admin(request)
     user_id = request.path_params["user_id"]
     if request.method == "GET":
         return json_response({"data": await gateway.directory.list_tokens(user_id)})
-    body = await json_body(request)
-    only_fields(body, ("name", "expires_at"))
+    body = read_body(request, NEW_TOKEN, await json_body(request))
     token = await gateway.directory.create_token(user_id, name=body.get("name"), expires_at=body.get("expires_at"))
     return json_response(token, status=201)
 
@@ -87,13 +139,13 @@ async def revoke_token(request: Request) -> Response:
 # -- OpenRouter keys -----------------------------------------------------------
 
 
+@accepts(PUT=BYOK)
 async def openrouter_key(request: Request) -> Response:
     gateway = _admin(request)
     user_id = request.path_params["user_id"]
     if request.method == "PUT":
-        body = await json_body(request)
-        only_fields(body, ("api_key",))
-        described = await connect_byok(gateway.store, gateway.vault, gateway.upstream, user_id, body.get("api_key"))
+        body = read_body(request, BYOK, await json_body(request))
+        described = await connect_byok(gateway.store, gateway.vault, gateway.upstream, user_id, body["api_key"])
         gateway.auth.forget_user(user_id)
         await gateway.store.audit.append(
             actor="admin", action="key.byok.set", user_id=user_id, details={"label": described["label"]}
@@ -110,15 +162,12 @@ async def openrouter_key(request: Request) -> Response:
 # -- emergency stop, audit, streams --------------------------------------------
 
 
+@accepts(PUT=STOP)
 async def emergency_stop(request: Request) -> Response:
     gateway = _admin(request)
     if request.method == "PUT":
-        body = await json_body(request)
-        only_fields(body, ("enabled", "reason"))
-        enabled = field_of(body, "enabled", bool, required=True)
-        reason = field_of(body, "reason", str)
-        if reason is not None and len(reason) > MAX_REASON_CHARS:
-            raise BadRequest(f"Field 'reason' must be at most {MAX_REASON_CHARS} characters.", param="reason")
+        body = read_body(request, STOP, await json_body(request))
+        enabled, reason = body["enabled"], body.get("reason")
         await gateway.stop.set(enabled, reason)
         await gateway.store.audit.append(
             actor="admin", action="emergency_stop.on" if enabled else "emergency_stop.off",
@@ -127,19 +176,14 @@ async def emergency_stop(request: Request) -> Response:
     return json_response({"enabled": gateway.stop.enabled, "reason": gateway.stop.reason})
 
 
+@accepts(GET=AUDIT_QUERY)
 async def audit(request: Request) -> Response:
     gateway = _admin(request)
-    limit = query_int(request, "limit", 50, low=1, high=500)
-    cursor = request.query_params.get("cursor")
-    before = None
-    if cursor:
-        if not cursor.isdigit():
-            raise BadRequest("cursor must be the next_cursor value of the previous page.", param="cursor")
-        before = int(cursor)
-    rows = await gateway.store.audit.page(
-        limit=limit + 1, before_id=before, user_id=request.query_params.get("user") or request.query_params.get("user_id"),
-        action=request.query_params.get("action"),
-    )
+    query = read_query(request, AUDIT_QUERY)
+    limit = query["limit"]
+    before = int(query["cursor"]) if query["cursor"] else None
+    rows = await gateway.store.audit.page(limit=limit + 1, before_id=before, user_id=query["user"],
+                                          action=query["action"])
     more = len(rows) > limit
     rows = rows[:limit]
     return json_response({"data": rows, "next_cursor": str(rows[-1]["id"]) if more and rows else None})
