@@ -32,7 +32,7 @@ from gateway.upstream.credits import (
     fetch_credits,
 )
 
-MODEL_ID = r"^\S+$"
+MODEL_ID = r"^[^\s\x1c-\x1f\x85]+$"  # no str.isspace() character (ECMAScript's \s lacks \x1c-\x1f and \x85)
 MODEL_ID_RULE = (f"an OpenRouter model id such as \"openai/gpt-4o-mini\" (a non-empty string without spaces, "
                  f"at most {MAX_MODEL_ID_CHARS} characters); see GET /v1/models")
 BYOK = Body(Field("api_key", "string", required=True,
@@ -42,7 +42,8 @@ BYOK = Body(Field("api_key", "string", required=True,
 SETTINGS = Body(
     Field("default_model", "string", max_length=MAX_MODEL_ID_CHARS, pattern=MODEL_ID,
           description="filled in when a request names no model", message=f"Field 'default_model' must be {MODEL_ID_RULE}."),
-    Field("fallback_models", "array", items="string", max_items=MAX_FALLBACK_MODELS,
+    Field("fallback_models", "array", max_items=MAX_FALLBACK_MODELS,
+          items=Field("model", "string", nullable=False, max_length=MAX_MODEL_ID_CHARS, pattern=MODEL_ID),
           description="OpenRouter's `models` fallback list, filled in when a request has none",
           message=f"Field 'fallback_models' must be a list of at most {MAX_FALLBACK_MODELS} model ids, tried in order "
                   "when the requested model fails; e.g. [\"anthropic/claude-3.5-haiku\"]."),

@@ -73,6 +73,45 @@ AUDIT_QUERY = Query(
 )
 
 
+# -- what the admin API answers (JSON Schema; extra members may be added later, so none is forbidden) --------
+
+TEXT_OR_NULL = {"type": ["string", "null"]}
+KEY = {
+    "type": ["object", "null"], "description": "the user's OpenRouter key, never the key itself",
+    "required": ["kind", "label", "last4"],
+    "properties": {"kind": {"type": "string", "enum": ["byok", "managed"]}, "label": TEXT_OR_NULL,
+                   "last4": TEXT_OR_NULL, "disabled": {"type": "boolean"},
+                   "limit_usd": {"type": ["string", "number", "null"]},
+                   "created_at": TEXT_OR_NULL, "updated_at": TEXT_OR_NULL},
+}
+USER = {
+    "type": "object",
+    "required": ["id", "email", "tier", "status", "limits", "openrouter_key", "created_at", "updated_at"],
+    "properties": {
+        "id": {"type": "string"}, "email": TEXT_OR_NULL, "tier": {"type": "string"},
+        "status": {"type": "string", "enum": list(STATUSES)},
+        "limits": {"type": "object", "description": "the overrides of the tier's limits",
+                   "additionalProperties": {"type": ["string", "integer"]}},
+        "openrouter_key": KEY, "created_at": {"type": "string"}, "updated_at": {"type": "string"},
+    },
+}
+USERS = {"type": "object", "required": ["data", "next_cursor"],
+         "properties": {"data": {"type": "array", "items": USER}, "next_cursor": TEXT_OR_NULL}}
+TOKEN = {
+    "type": "object",
+    "required": ["id", "user_id", "name", "prefix", "created_at", "expires_at", "revoked"],
+    "properties": {
+        "id": {"type": "string"}, "user_id": {"type": "string"}, "name": TEXT_OR_NULL, "prefix": {"type": "string"},
+        "created_at": {"type": "string"}, "last_used_at": TEXT_OR_NULL, "expires_at": TEXT_OR_NULL,
+        "revoked": {"type": "boolean"}, "revoked_at": TEXT_OR_NULL,
+        "token": {"type": "string", "description": "the secret, shown once: when the token is created or rotated"},
+    },
+}
+TOKENS = {"type": "object", "required": ["data"], "properties": {"data": {"type": "array", "items": TOKEN}}}
+STOP_STATE = {"type": "object", "required": ["enabled", "reason"],
+              "properties": {"enabled": {"type": "boolean"}, "reason": TEXT_OR_NULL}}
+
+
 def _admin(request: Request) -> Any:
     gateway = gateway_of(request)
     gateway.admin.check(request.headers.get("authorization"))
@@ -82,7 +121,7 @@ def _admin(request: Request) -> Any:
 # -- users -------------------------------------------------------------------
 
 
-@accepts(POST=NEW_USER)
+@accepts(POST=NEW_USER, returns={"POST": USER})
 async def create_user(request: Request) -> Response:
     gateway = _admin(request)
     body = read_body(request, NEW_USER, await json_body(request))
@@ -90,14 +129,14 @@ async def create_user(request: Request) -> Response:
     return json_response(user, status=201)
 
 
-@accepts(GET=USERS_QUERY)
+@accepts(GET=USERS_QUERY, returns={"GET": USERS})
 async def list_users(request: Request) -> Response:
     gateway = _admin(request)
     query = read_query(request, USERS_QUERY)
     return json_response(await gateway.directory.list_users(limit=query["limit"], cursor=query["cursor"]))
 
 
-@accepts(PATCH=USER_CHANGES)
+@accepts(PATCH=USER_CHANGES, returns={"GET": USER, "PATCH": USER})
 async def user(request: Request) -> Response:
     gateway = _admin(request)
     user_id = request.path_params["user_id"]
@@ -115,7 +154,7 @@ async def user(request: Request) -> Response:
 # -- tokens ------------------------------------------------------------------
 
 
-@accepts(POST=NEW_TOKEN)
+@accepts(POST=NEW_TOKEN, returns={"GET": TOKENS, "POST": TOKEN})
 async def user_tokens(request: Request) -> Response:
     gateway = _admin(request)
     user_id = request.path_params["user_id"]
@@ -126,11 +165,13 @@ async def user_tokens(request: Request) -> Response:
     return json_response(token, status=201)
 
 
+@accepts(returns={"POST": TOKEN})
 async def rotate_token(request: Request) -> Response:
     gateway = _admin(request)
     return json_response(await gateway.directory.rotate_token(request.path_params["token_id"]), status=201)
 
 
+@accepts(returns={"DELETE": TOKEN})
 async def revoke_token(request: Request) -> Response:
     gateway = _admin(request)
     return json_response(await gateway.directory.revoke_token(request.path_params["token_id"]))
@@ -139,7 +180,7 @@ async def revoke_token(request: Request) -> Response:
 # -- OpenRouter keys -----------------------------------------------------------
 
 
-@accepts(PUT=BYOK)
+@accepts(PUT=BYOK, returns={"PUT": KEY})
 async def openrouter_key(request: Request) -> Response:
     gateway = _admin(request)
     user_id = request.path_params["user_id"]
@@ -162,7 +203,7 @@ async def openrouter_key(request: Request) -> Response:
 # -- emergency stop, audit, streams --------------------------------------------
 
 
-@accepts(PUT=STOP)
+@accepts(PUT=STOP, returns={"GET": STOP_STATE, "PUT": STOP_STATE})
 async def emergency_stop(request: Request) -> Response:
     gateway = _admin(request)
     if request.method == "PUT":

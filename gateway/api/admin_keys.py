@@ -8,6 +8,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
+from gateway.api.admin import KEY
 from gateway.api.common import body_bytes, gateway_of, json_response, parse_json_object
 from gateway.api.inputs import Body, Field, Money, accepts, read_body
 
@@ -24,7 +25,7 @@ def _provisioner(request: Request) -> Any:
     return gateway.provisioner
 
 
-@accepts(POST=NEW_KEY, PATCH=KEY_CHANGES)
+@accepts(POST=NEW_KEY, PATCH=KEY_CHANGES, returns={"POST": KEY, "PATCH": KEY})
 async def managed_key(request: Request) -> Response:
     provisioner = _provisioner(request)
     user_id = request.path_params["user_id"]
@@ -37,6 +38,7 @@ async def managed_key(request: Request) -> Response:
     return json_response(await provisioner.update(user_id, read_body(request, KEY_CHANGES, body), actor="admin"))
 
 
+@accepts(returns={"POST": KEY})
 async def rotate_managed_key(request: Request) -> Response:
     provisioner = _provisioner(request)
     return json_response(await provisioner.rotate(request.path_params["user_id"], actor="admin"))

@@ -32,7 +32,11 @@ _PYTHON: dict[str, tuple[type, ...]] = {
 }
 _ARTICLE = {"string": "a string", "integer": "an integer", "number": "a number", "boolean": "a boolean",
             "object": "an object", "array": "a list", "null": "null"}
-MONEY_PATTERN = rf"^(?:[0-9]{{1,10}}(?:\.[0-9]{{0,{MAX_PLACES}}})?|\.[0-9]{{1,{MAX_PLACES}}})$"  # core.amounts' _PLAIN
+MAX_WHOLE = 10**18
+# core.amounts' plain decimals up to MAX_USD (it also takes leading zeros, as in "0999999999")
+MONEY_PATTERN = (rf"^(?:[0-9]{{1,9}}(?:\.[0-9]{{0,{MAX_PLACES}}})?|\.[0-9]{{1,{MAX_PLACES}}}"
+                 rf"|{MAX_USD:f}(?:\.0{{0,{MAX_PLACES}}})?)$")
+MONEY_RULE = f"US dollars from 0 to {MAX_USD:,}, at most {MAX_PLACES} decimal places, as a string or a number"
 
 
 @dataclass(frozen=True)
@@ -51,7 +55,7 @@ class Field:
     max_length: int | None = None
     pattern: str | None = None
     enum: tuple[str, ...] | None = None
-    items: str | None = None  # the JSON type of an array's items
+    items: "Field | None" = None  # what each item of an array is (its name is not used)
     max_items: int | None = None
     format: str | None = None
     message: str | None = None
@@ -71,6 +75,8 @@ class Field:
             if self.nullable:
                 return None
         kinds = self.kinds
+        if "integer" in kinds:
+            value = _whole(value)
         if isinstance(value, bool) and "boolean" not in kinds:
             raise self.refuse(param, f"Field {param!r} must be {_names(kinds)}, not a boolean.")
         if not any(isinstance(value, _PYTHON[k]) for k in kinds):
@@ -90,9 +96,10 @@ class Field:
             if self.max_items is not None and len(value) > self.max_items:
                 raise self.refuse(param, f"Field {param!r} must have at most {self.max_items} items.")
             if self.items is not None:
-                for item in value:
-                    if isinstance(item, bool) != (self.items == "boolean") or not isinstance(item, _PYTHON[self.items]):
-                        raise self.refuse(param, f"Field {param!r} must be a list of {_ARTICLE[self.items]}s.")
+                try:
+                    value = [self.items.parse(item, f"{param}[{i}]") for i, item in enumerate(value)]
+                except BadRequest as exc:
+                    raise self.refuse(param, exc.message) from None
         elif isinstance(value, (int, Decimal, float)) and not isinstance(value, bool):
             if (self.minimum is not None and value < self.minimum) or (self.maximum is not None and value > self.maximum):
                 raise self.refuse(param, f"Field {param!r} must be from {self.minimum} to {self.maximum}.")
@@ -109,7 +116,7 @@ class Field:
         if self.enum is not None:
             schema["enum"] = list(self.enum) + ([None] if "null" in kinds else [])
         if self.items is not None:
-            schema["items"] = {"type": self.items}
+            schema["items"] = self.items.schema()
         return schema
 
 
@@ -135,10 +142,7 @@ class Money(Field):
         ]
         if self.nullable and not self.required:
             variants.append({"type": "null"})
-        schema: dict[str, Any] = {"anyOf": variants}
-        if self.description:
-            schema["description"] = self.description
-        return schema
+        return {"anyOf": variants, "description": f"{self.description}: {MONEY_RULE}" if self.description else MONEY_RULE}
 
 
 @dataclass(frozen=True)
@@ -154,7 +158,7 @@ class Count(Field):
         if value is None and self.nullable and not self.required:
             return None
         try:
-            return parse_count(value)
+            return parse_count(_whole(value))
         except AmountError as exc:
             raise BadRequest(f"{param} {exc}{self.hint}.", param=param) from None
 
@@ -353,22 +357,25 @@ class Query:
 
 @dataclass(frozen=True)
 class Accepts:
-    """What an endpoint takes, per HTTP method, and the JSON shape of its success responses."""
+    """What an endpoint takes, per HTTP method, and the JSON Schema of its success responses per method."""
 
     bodies: dict[str, Body]
     queries: dict[str, Query]
-    returns: dict[str, Any] | None = None
+    returns: dict[str, dict[str, Any]]
 
 
-def accepts(*, returns: dict[str, Any] | None = None, **by_method: Body | Query) -> Callable[[Endpoint], Endpoint]:
-    """Declare what the decorated handler takes, e.g. `@accepts(GET=LIST_QUERY, POST=NEW_USER)`.
+def accepts(*, returns: Mapping[str, dict[str, Any]] | None = None,
+            **by_method: Body | Query) -> Callable[[Endpoint], Endpoint]:
+    """Declare what the decorated handler takes, e.g. `@accepts(GET=LIST_QUERY, POST=NEW_USER)`, and
+    optionally what it answers (`returns={"POST": USER}`, a JSON Schema).
 
     The handler validates with the same objects (`read_body`, `read_query` check that it does)."""
     bodies = {m.upper(): spec for m, spec in by_method.items() if isinstance(spec, Body)}
     queries = {m.upper(): spec for m, spec in by_method.items() if isinstance(spec, Query)}
+    answers = {m.upper(): schema for m, schema in (returns or {}).items()}
 
     def attach(endpoint: Endpoint) -> Endpoint:
-        setattr(endpoint, ENDPOINT_ATTRIBUTE, Accepts(bodies, queries, returns))
+        setattr(endpoint, ENDPOINT_ATTRIBUTE, Accepts(bodies, queries, answers))
         return endpoint
 
     return attach
@@ -395,6 +402,13 @@ def read_body(request: Request, body: Body, data: Mapping[str, Any]) -> dict[str
     """`body.parse(data)`, checked to be what the endpoint publishes for this method."""
     _declared(request, body)
     return body.parse(data)
+
+
+def _whole(value: Any) -> Any:
+    """JSON Schema's integers include 5.0 and 1e3 (parsed as Decimal): such a value is that int, if not huge."""
+    if isinstance(value, Decimal) and value.is_finite() and abs(value) <= MAX_WHOLE and value == value.to_integral_value():
+        return int(value)
+    return value
 
 
 def _names(kinds: tuple[str, ...]) -> str:

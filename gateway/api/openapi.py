@@ -63,7 +63,7 @@ def _operation(path: str, method: str, endpoint: Any, params: Iterable[str], dec
     verb = method.upper()
     body = declared.bodies.get(verb) if declared else None
     query = declared.queries.get(verb) if declared else None
-    success = (declared.returns if declared else None) or {}
+    success = declared.returns.get(verb, {}) if declared else {}
     operation: dict[str, Any] = {
         "operationId": re.sub(r"[^A-Za-z0-9]+", "_", f"{method}_{path}").strip("_").lower(),
         "summary": _summary(endpoint, verb, path),
