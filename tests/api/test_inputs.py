@@ -213,6 +213,7 @@ def test_a_handler_validates_only_with_what_it_publishes() -> None:
     declared = accepted(endpoint)
     assert declared is not None and declared.queries == {"GET": PAGE} and declared.bodies == {"POST": STOP}
     assert read_body(request("", "POST"), STOP, {"enabled": True}) == {"enabled": True}
+    assert read_query(request("limit=2", "HEAD"), PAGE)["limit"] == 2  # HEAD is served by the GET handler
     with pytest.raises(AssertionError, match="does not publish"):
         read_body(request("", "POST"), LIMITS, {})
     with pytest.raises(AssertionError, match="does not publish"):
