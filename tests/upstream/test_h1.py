@@ -300,15 +300,22 @@ async def test_a_large_body_read_whole_is_not_held_back_by_back_pressure(transpo
         await response.close()
 
 
-@pytest.mark.anyio
-async def test_https_is_spoken_over_tls_and_the_certificate_is_checked(tmp_path: Any) -> None:
-    """A TLS server with a self-signed certificate: refused as unverified (never sent), not talked to."""
-    import ssl
+@pytest.fixture
+def self_signed(tmp_path: Any) -> tuple[Any, Any]:
     import subprocess
 
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
     subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=localhost",
                     "-keyout", str(key), "-out", str(cert), "-days", "1"], check=True, capture_output=True)
+    return cert, key
+
+
+@pytest.mark.anyio
+async def test_https_is_spoken_over_tls_and_the_certificate_is_checked(self_signed: tuple[Any, Any]) -> None:
+    """A TLS server with a self-signed certificate: refused as unverified (never sent), not talked to."""
+    import ssl
+
+    cert, key = self_signed
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(cert, key)
 
