@@ -177,6 +177,7 @@ class Settler:
         self._queue: asyncio.Queue[PendingGeneration] = asyncio.Queue(maxsize=concurrency)
         self._workers: list[asyncio.Future[None]] = []
         self._in_flight = 0
+        self._handing_over = 0  # 1 while the run loop waits for room in the queue with a look-up in hand
         self._pacer = pacer
         self.lookups = 0
         self.owner = "settler-" + secrets.token_hex(8)  # this instance, as the holder of leases
@@ -188,7 +189,7 @@ class Settler:
     @property
     def pending(self) -> int:
         """Look-ups not done yet: scheduled, handed to a worker, or under way (`gateway_settlements_pending`)."""
-        return len(self._heap) + self._queue.qsize() + self._in_flight
+        return len(self._heap) + self._handing_over + self._queue.qsize() + self._in_flight
 
     def delay(self, attempts: int) -> float:
         """Seconds before look-up number `attempts + 1` (attempts already made)."""
@@ -267,8 +268,7 @@ class Settler:
         self._workers = [asyncio.ensure_future(self._work()) for _ in range(self._max_running)]
         try:
             while True:
-                for pending in self._take_due():
-                    await self._queue.put(pending)
+                await self._hand_over()
                 self._wake.clear()
                 timeout = max(self._heap[0][0] - self._clock(), DISPATCH_TICK_S) if self._heap else None
                 try:
@@ -278,6 +278,17 @@ class Settler:
         finally:
             for worker in self._workers:
                 worker.cancel()
+
+    async def _hand_over(self) -> None:
+        """Move due look-ups to the workers' queue one at a time, as it has room: the rest stay in the heap
+        (and in `pending`)."""
+        while self._heap and self._heap[0][0] <= self._clock():
+            pending = heapq.heappop(self._heap)[2]
+            self._handing_over = 1
+            try:
+                await self._queue.put(pending)
+            finally:
+                self._handing_over = 0
 
     async def _work(self) -> None:
         while True:

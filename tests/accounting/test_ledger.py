@@ -512,16 +512,17 @@ async def test_the_run_loop_sleeps_while_every_slot_is_busy(store: Store) -> Non
                            first_lookup_at=_time.time())
         settler.schedule(record, key="k", due=_time.time() - 1)
     calls = 0
-    take_due = settler._take_due
+    hand_over = settler._hand_over
 
-    def counting() -> list[Any]:
+    async def counting() -> None:
         nonlocal calls
         calls += 1
-        return take_due()
+        await hand_over()
 
-    settler._take_due = counting  # type: ignore[method-assign]
+    settler._hand_over = counting  # type: ignore[method-assign]
     runner = asyncio.create_task(settler.run())
     await asyncio.sleep(0.3)  # a window to count the loop's turns in, not a wait for a condition
+    assert settler.pending == 10  # two under way, the rest waiting: none lost from the count meanwhile
     runner.cancel()
     gate.set()
     await settler.stop()
