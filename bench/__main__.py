@@ -20,6 +20,7 @@ whatever the goals say (`--strict` makes a FAIL exit 1).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import platform
 import shutil
@@ -287,6 +288,12 @@ class Bench:
             return None
 
     def gateway_target(self, target: str, upstream: Server, **how: Any) -> None:
+        if how["server"] == "granian" and importlib.util.find_spec("granian") is None:
+            note = f"{target}: not available, granian is not installed (make bench installs the bench extra)"
+            self.targets[target] = {"server": "granian", "loop": "?", "available": False, "note": note}
+            self.notes.append(note)
+            print("bench: note: " + note, flush=True)
+            return
         with tempfile.TemporaryDirectory(prefix=f"bench-{target}-") as tmp:
             started = self.start(target, upstream, Path(tmp), **how)
             if started is None:
