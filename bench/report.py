@@ -59,6 +59,11 @@ def _bounded(value: bool | None) -> str:
     return {True: "bounded", False: "still growing (cannot keep up)", None: "too short to tell"}[value]
 
 
+def _kept_up(run: dict[str, Any]) -> bool:
+    """The offered rate was served: nothing dropped or failed, and the client sent on time."""
+    return not run["dropped"] and not run["errors"] and run["late"] <= 0.01 * max(run["requests"], 1)
+
+
 def paced_line(workers: int, run: dict[str, Any]) -> str:
     return (f"paced --workers {workers}: {_fmt(run['offered_rps'], 0)} req/s offered, {_fmt(run['rps'], 0)} "
             f"answered ({run['errors']} errors, {run['dropped']} dropped, {run['late']} sent late), "
@@ -226,11 +231,13 @@ def summarise(rows: list[dict[str, Any]], extras: dict[str, Any], settings: Any,
         goals += _sustained_goals(extras.get(f"sustained:{target}"), policy, ident, targets.get(target), settings)
     workers = extras.get("workers")
     ratio = workers and workers.get("ratio")
+    kept_up = workers and all(_kept_up(workers[n]) for n in ("1", "2"))
     goals.append(_at_most(
         "7", "paced: --workers 2 CPU/request <= 1.1x --workers 1", ratio, 1.1,
         "-" if not workers else (f"{_fmt(ratio, 3)}x ({_fmt(workers['2'].get('cpu_us_settled'), 1)} vs "
                                  f"{_fmt(workers['1'].get('cpu_us_settled'), 1)} us settled at "
-                                 f"{workers['rate']:g} req/s offered, {workers['pinning']})"),
+                                 f"{workers['rate']:g} req/s offered, {workers['pinning']}"
+                                 + ("" if kept_up else "; one did not keep up with the rate") + ")"),
         None if not workers or ratio is not None else "did not settle (one of them)"))
     goals += [  # the standing targets of issues 8 and 5, still checked
         _goal("s1", f"{n} concurrent streams x {settings.concurrent_chunks} chunks all byte-exact", exact,
