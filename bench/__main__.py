@@ -224,7 +224,9 @@ class Bench:
         else:
             health = server.health()
             stack, loop = str(health.get("server", "?")), str(health.get("loop", "?"))
-        self.targets[target] = {"server": stack, "loop": loop, "available": available, "note": note}
+        started = GATEWAYS.get(target, {}).get("server", stack)  # what the bench started it with
+        self.targets[target] = {"server": stack, "loop": loop, "started_on": started, "available": available,
+                                "note": note}
         print(f"{target}: server {stack}, loop {loop}", flush=True)
 
     # -- the targets ---------------------------------------------------------------------

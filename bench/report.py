@@ -155,6 +155,7 @@ def target_table(rows: list[dict[str, Any]], targets: dict[str, dict[str, Any]])
         j32, j1, s1 = _find(rows, name, "json", 32), _find(rows, name, "json", 1), _find(rows, name, "stream", 1)
         table.append({
             "target": name, "server": info.get("server", "?"), "loop": info.get("loop", "?"),
+            "started_on": info.get("started_on", info.get("server", "?")),
             "available": info.get("available", True), "note": info.get("note", ""),
             "rps_c32": j32 and j32["rps"], "p50_ms_c1": j1 and j1["p50_ms"], "ttfb_ms_c1": s1 and s1["ttfb_p50_ms"],
             "cpu_us_during": j32 and j32.get("cpu_us_per_request"),
@@ -312,11 +313,12 @@ def render(results: dict[str, Any]) -> str:
               for name, cost in results.get("service_costs", {}).items()]
     stack = results.get("server_stack") or []
     if stack:
-        lines += ["", "server stack (the gateway, policy all, one worker):",
-                  f"  {'server':<10} {'loop':<7} {'req/s c32':>9} {'CPU us/req settled':>18} {'p50 c1 ms':>9} "
-                  f"{'TTFB c1 ms':>10}"]
-        lines += [f"  {t['server']:<10} {t['loop']:<7} {_fmt(t['rps_c32'], 0):>9} {_fmt(t['cpu_us_settled'], 1):>18} "
-                  f"{_fmt(t['p50_ms_c1'], 3):>9} {_fmt(t['ttfb_ms_c1'], 3):>10}   ({t['target']})" for t in stack]
+        lines += ["", "server stack (the gateway, policy all, one worker; started on, then as /health says):",
+                  f"  {'started on':<10} {'/health':<16} {'req/s c32':>9} {'CPU us/req settled':>18} "
+                  f"{'p50 c1 ms':>9} {'TTFB c1 ms':>10}"]
+        lines += [f"  {t['started_on']:<10} {t['server'] + ', ' + t['loop']:<16} {_fmt(t['rps_c32'], 0):>9} "
+                  f"{_fmt(t['cpu_us_settled'], 1):>18} {_fmt(t['p50_ms_c1'], 3):>9} {_fmt(t['ttfb_ms_c1'], 3):>10}"
+                  f"   ({t['target']})" for t in stack]
     if results.get("sustained"):
         lines += ["", f"sustained: {next(iter(results['sustained'].values()))['bounded_rule']}"]
     lines += ["", "goals (one run, same machine):", f"  {'id':<3} {'goal':<62} {'status':<6} measured"]
