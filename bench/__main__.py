@@ -274,15 +274,18 @@ class Bench:
             upstream.stop()
 
     def start(self, target: str, upstream: Server, tmp: Path, **how: Any) -> tuple[Server, str] | None:
-        """The gateway for `target`; None (noted) when the policy-missing one cannot start (a build
-        without `accounting.generation_lookup.policy` refuses the key at start-up)."""
+        """The gateway for `target`; None (noted) when a variant cannot start: a build without
+        `accounting.generation_lookup.policy` refuses the key at start-up, granian may be missing
+        something. The product's default (`gateway serve`, policy all) must start."""
         try:
             return start_gateway(upstream, "aiohttp", tmp, self.cpu(FRONT_CPU), name=target, **how)
         except RuntimeError as exc:
-            if how.get("policy") is None:
+            if target == report.GATEWAY:
                 raise
-            note = (f"{target}: not available, the gateway did not start with "
-                    f"accounting.generation_lookup.policy: {how['policy']} ({str(exc).strip().splitlines()[-1]})")
+            shape = (f"accounting.generation_lookup.policy: {how['policy']}" if how.get("policy")
+                     else f"server {how['server']}")
+            note = (f"{target}: not available, the gateway did not start with {shape} "
+                    f"({str(exc).strip().splitlines()[-1]})")
             self.targets.setdefault(target, {"server": "?", "loop": "?", "available": False, "note": note})
             if note not in self.notes:
                 self.notes.append(note)

@@ -109,7 +109,7 @@ class Client(asyncio.Protocol):
             self.respond(200, HEALTH)
         elif method == b"POST" and self.url == b"/v1/chat/completions":
             self.transport.pause_reading()  # one request at a time on this connection
-            asyncio.ensure_future(self.relay.forward(self, b"".join(self.body)))
+            self.relay.forward(self, b"".join(self.body))
         else:
             self.respond(404, b'{"error":{"code":404,"message":"not found"}}')
 
@@ -145,16 +145,23 @@ class Relay:
         self.pool: list[Upstream] = []
         self.serving: dict[Client, Upstream] = {}
 
-    async def forward(self, client: Client, body: bytes) -> None:
+    def forward(self, client: Client, body: bytes) -> None:
+        """On an idle pooled connection at once; else on a new one, once it is open."""
         if self.pool:
-            upstream = self.pool.pop()
+            self.send(self.pool.pop(), client, body)
         else:
-            loop = asyncio.get_running_loop()
-            try:
-                _, upstream = await loop.create_connection(lambda: Upstream(self.pool), self.host, self.port)
-            except OSError:
-                client.respond(502, b'{"error":{"code":502,"message":"upstream unreachable"}}')
-                return client.done()
+            asyncio.ensure_future(self.connect(client, body))
+
+    async def connect(self, client: Client, body: bytes) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            _, upstream = await loop.create_connection(lambda: Upstream(self.pool), self.host, self.port)
+        except OSError:
+            client.respond(502, b'{"error":{"code":502,"message":"upstream unreachable"}}')
+            return client.done()
+        self.send(upstream, client, body)
+
+    def send(self, upstream: Upstream, client: Client, body: bytes) -> None:
         upstream.client = client
         self.serving[client] = upstream
         upstream.transport.write(
