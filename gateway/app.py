@@ -35,6 +35,7 @@ from gateway.core.clock import Clock, system_clock
 from gateway.core.config import Config
 from gateway.core.lifecycle import Lifecycle
 from gateway.core.metrics import Metrics
+from gateway.core.metrics_share import SnapshotPublisher, WorkerFiles, metrics_directory
 from gateway.instance import Gateway
 from gateway.limits.limiter import Limiter, local_fallback, open_counters
 from gateway.proxy.endpoint import ProxyEndpoint
@@ -66,9 +67,11 @@ async def open_gateway(
     clock: Clock = system_clock,
     limits: bool = True,
     accounting: bool = True,
+    worker_group: str | None = None,
 ) -> Gateway:
     """Open every resource and service of one instance. `limits` / `accounting` False leave that service
-    off the proxy path (the bench prices a service so); its API still answers."""
+    off the proxy path (the bench prices a service so); its API still answers. `worker_group`: this is
+    one worker of `--workers N` (its metrics are shared with the group's other workers)."""
     cfg = config
     # -- foundations: closed last (steps run in reverse) --
     vault = Vault.from_sources(cfg.security.master_keys, cfg.security.master_key_file)
@@ -82,7 +85,14 @@ async def open_gateway(
         up.base_url, retries=up.retries, backoff_base_s=up.backoff_base_s, backoff_max_s=up.backoff_max_s,
     )
     lifecycle.on_shutdown(upstream.close)
-    metrics = Metrics()
+    if worker_group is None:
+        metrics = Metrics()
+    else:  # each scrape adds up every worker: this one's snapshot published every second and at shutdown
+        files = WorkerFiles(metrics_directory(cfg.server.data_dir), worker_group, clock=clock)
+        metrics = Metrics(peers=files)
+        publisher = SnapshotPublisher(metrics.snapshot, files)
+        lifecycle.spawn(publisher.run())
+        lifecycle.on_shutdown(publisher.publish)  # runs after the ledger's final flush and the streams' end
 
     # -- who is calling, and whether anything may be forwarded --
     auth = Authenticator(store, vault, clock=clock)
@@ -110,7 +120,9 @@ async def open_gateway(
     meter = CpuMeter(activity=lambda: ledger.records_seen)
     settler = Settler(upstream, lookup, key_for=key_lookup(store, vault),
                       is_free_generation=catalog.is_free_generation, clock=clock,
-                      pacer=Pacer(meter, busy_share=lookup.busy_cpu_share, floor_per_s=lookup.busy_floor_per_s))
+                      pacer=Pacer(meter, busy_share=lookup.busy_cpu_share, floor_per_s=lookup.busy_floor_per_s,
+                                  max_backlog=lookup.busy_max_backlog),
+                      metrics=metrics)
     ledger = Ledger(store, cfg, settler=settler, clock=clock, metrics=metrics)
     lifecycle.on_shutdown(ledger.close)
     pricing = Pricing(cfg, catalog.is_free_generation)
@@ -198,6 +210,7 @@ def create_app(
     limits: bool = True,
     accounting: bool = True,
     after_start: Callable[[], None] | None = None,
+    worker_group: str | None = None,
 ) -> GatewayApp:
     """The ASGI app; the instance opens when the server's lifespan starts (then `after_start` runs, the
     server's hook for process-wide tuning) and closes when it ends."""
@@ -207,7 +220,7 @@ def create_app(
         lifecycle = Lifecycle()
         try:
             gateway = await open_gateway(config, lifecycle, transport=transport, clock=clock, limits=limits,
-                                         accounting=accounting)
+                                         accounting=accounting, worker_group=worker_group)
         except BaseException:
             await lifecycle.close()
             raise

@@ -6,19 +6,22 @@ import asyncio
 import gc
 import logging
 import os
+import secrets
 import signal
 import socket
 import sys
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import Any, Coroutine
 
 import uvicorn
 from uvicorn.supervisors.multiprocess import Multiprocess
+from uvloop import new_event_loop
 
 from gateway.connections import ConnectionLimits, GuardedConfig
 from gateway.core.config import Config, ServerConfig, load_config
 from gateway.core.logs import configure_logging
+from gateway.core.metrics_share import WORKER_GROUP_ENV
 from gateway.security.first_run import ensure_runtime
 
 DEMO_EMULATOR_PORT = 8090
@@ -82,6 +85,7 @@ class _Workers(Multiprocess):
 
 def _serve_workers(config: uvicorn.Config) -> None:
     """uvicorn.run's several-worker path, with the supervisor above (it exits 0 once the workers have)."""
+    os.environ[WORKER_GROUP_ENV] = secrets.token_hex(8)  # this run's workers, whose metrics a scrape adds up
     _Workers(config, sockets=[config.bind_socket()]).run()
 
 
@@ -127,7 +131,7 @@ def create_from_env() -> Any:
 
     config = load_config(os.environ.get("GATEWAY_CONFIG"))
     configure_logging(config.logging.level)
-    return create_app(config, after_start=settle_garbage_collector)
+    return create_app(config, after_start=settle_garbage_collector, worker_group=os.environ.get(WORKER_GROUP_ENV))
 
 
 def serve(
@@ -152,12 +156,19 @@ def serve(
         _serve_workers(_uvicorn_config("gateway.server:create_from_env", host, port, config.server,
                                        factory=True, workers=workers))
         return
-    asyncio.run(_serve(config, host, port, demo, demo_port))
+    run_on_uvloop(_serve(config, host, port, demo, demo_port))
+
+
+def run_on_uvloop(main: Coroutine[Any, Any, None]) -> None:
+    """`asyncio.run` on uvloop. uvicorn's `loop="uvloop"` applies only when uvicorn makes the loop itself
+    (`uvicorn.run`, the workers); `Server.serve()` inside `asyncio.run` would run on the stdlib loop."""
+    with asyncio.Runner(loop_factory=new_event_loop) as runner:
+        runner.run(main)
 
 
 def serve_app(app: Any, host: str, port: int) -> None:
     """Run one built app on uvicorn until it is told to stop (the bench's variants use this too)."""
-    asyncio.run(GracefulServer(_uvicorn_config(app, host, port)).serve())
+    run_on_uvloop(GracefulServer(_uvicorn_config(app, host, port)).serve())
 
 
 def _require_free_port(host: str, port: int, what: str, fix: str) -> None:

@@ -24,16 +24,17 @@ from urllib.parse import quote
 
 import orjson
 
+from gateway.accounting.settlement import GENERATION_MONEY
 from gateway.auth.tokens import Principal
 from gateway.core.errors import BadRequest
 from gateway.core.money import to_decimal
-from gateway.store.usage import SETTLED, UsageRecord
+from gateway.store.usage import FINAL, SETTLED, UsageRecord
 from gateway.upstream.client import UpstreamClient, UpstreamConnectionError
 
 log = logging.getLogger("gateway.accounting.generations")
 
 GENERATION_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:\-]{0,255}")
-MONEY_FIELDS = ("total_cost", "usage", "cache_discount", "upstream_inference_cost")
+MONEY_FIELDS = GENERATION_MONEY
 
 
 def parse_generation_id(raw: str | None) -> str:
@@ -124,7 +125,7 @@ async def generation_view(upstream: UpstreamClient, principal: Principal, record
         "markup": record.markup,
         "markup_reason": record.markup_reason,
         "tier": record.tier,
-        "settled": record.settle_status == SETTLED,
+        "settled": record.settle_status in FINAL,  # the figure is final (looked up, or reported: policy missing)
         "settle_status": record.settle_status,
         "cancelled": record.cancelled if data.get("cancelled") is None else data["cancelled"],
     })

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 from decimal import Decimal
 from typing import Any, Callable
 
@@ -58,7 +59,11 @@ class Ledger:
         self._clock = clock
         self.settler = settler
         self.flush_interval_s = config.accounting.flush_interval_ms / 1000
-        self._first_delay_s = config.accounting.generation_lookup.first_delay_s
+        lookup = config.accounting.generation_lookup
+        self._first_delay_s = lookup.first_delay_s
+        self._only_missing = lookup.policy == "missing"
+        self._audit_fraction = lookup.audit_fraction
+        self._sample: Callable[[], float] = random.random
         self._unwritten: dict[str, UsageRecord] = {}
         self._writing: dict[str, UsageRecord] = {}
         self._settlements: list[Settlement] = []
@@ -88,19 +93,24 @@ class Ledger:
         """Queue the generation's record; never blocks, never raises into the proxy."""
         self.records_seen += 1
         first_lookup_at = self._clock() + self._first_delay_s
+        # policy `missing`: a response that said what it cost is final as reported, but for an audited sample
+        complete = charge.cost_reported and not request.cancelled and observation.error is None
+        look_up = not (self._only_missing and complete) or self._sample() < self._audit_fraction
         try:
-            record = build_record(principal, request, observation, charge, first_lookup_at=first_lookup_at)
+            record = build_record(principal, request, observation, charge, first_lookup_at=first_lookup_at,
+                                  look_up=look_up)
         except Exception:
             log.exception("could not build a usage record for request %s", request.request_id)
             return
         if record.generation_id in self._unwritten:
             return  # the same generation reported twice: one record
         self._unwritten[record.generation_id] = record
-        # counted as recorded (the provisional figures); a settlement's correction is not re-counted
-        self._metrics.observe_generation(record.tier, record.prompt_tokens, record.completion_tokens,
-                                         record.total_cost, record.markup)
-        if record.settle_status == PENDING and principal.key is not None:
-            self.settler.schedule(record, key=principal.key.secret, due=first_lookup_at, created_ts=request.started)
+        if record.settle_status != PENDING:  # final already; a pending one is counted once it settles
+            self._metrics.observe_generation(record.tier, record.prompt_tokens, record.completion_tokens,
+                                             record.total_cost, record.markup)
+        elif principal.key is not None:
+            self.settler.schedule(record, key=principal.key.secret, due=first_lookup_at, created_ts=request.started,
+                                  reported=complete)
         if self.flush_interval_s == 0:
             self._wake.set()
 

@@ -71,12 +71,14 @@ class Pacer:
         *,
         busy_share: float = 0.6,
         floor_per_s: float = 20.0,
+        max_backlog: int = 2000,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], "asyncio.Future[None] | object"] = asyncio.sleep,
     ) -> None:
         self.meter = meter
         self.busy_share = busy_share
         self.floor_interval_s = 1.0 / floor_per_s
+        self.max_backlog = max_backlog
         self._clock = clock
         self._sleep = sleep
         self._next_slot = 0.0
@@ -85,9 +87,10 @@ class Pacer:
     def saturated(self) -> bool:
         return self.meter is not None and self.meter.share >= self.busy_share and self.meter.traffic
 
-    async def acquire(self) -> None:
-        """Wait for a turn: none while there is spare CPU, one per floor interval while saturated."""
-        while self.saturated():
+    async def acquire(self, backlog: int = 0) -> None:
+        """Wait for a turn: none while there is spare CPU or `backlog` (the work waiting) is over
+        `max_backlog`, one per floor interval while saturated: deferred work stays bounded."""
+        while self.saturated() and backlog <= self.max_backlog:
             now = self._clock()
             if now >= self._next_slot:
                 self._next_slot = now + self.floor_interval_s

@@ -56,4 +56,4 @@ class Pricing:
         total = provider_cost + markup
         prompt, completion, reasoning, cached = usage_tokens(usage)
         return Charge(provider_cost, markup, total, to_pico(total) if total else 0, markup_pct, reason, free,
-                      prompt, completion, reasoning, cached)
+                      prompt, completion, reasoning, cached, cost is not None and cost >= 0)

@@ -6,7 +6,7 @@ from gateway.auth.tokens import Principal
 from gateway.core.clock import iso
 from gateway.proxy.sse import Observation
 from gateway.proxy.types import Charge, ProxyRequest
-from gateway.store.usage import PENDING, UNSETTLED, UsageRecord
+from gateway.store.usage import PENDING, REPORTED, UNSETTLED, UsageRecord
 
 LOCAL_ID_PREFIX = "gw-"  # records of responses that carried no generation id (nothing to look up)
 
@@ -18,11 +18,17 @@ def build_record(
     charge: Charge,
     *,
     first_lookup_at: float,
+    look_up: bool = True,
 ) -> UsageRecord:
-    """The provisional usage record of one proxied generation, priced by `charge`."""
+    """The usage record of one proxied generation, priced by `charge`: provisional until its look-up, or
+    final as reported when `look_up` is False (a response that carried its cost, under policy `missing`)."""
     generation_id = observation.generation_id
     error = observation.error
     ended = request.ended if request.ended is not None else request.started
+    if not generation_id:
+        status = UNSETTLED
+    else:
+        status = PENDING if look_up else REPORTED
     return UsageRecord(
         generation_id=generation_id or LOCAL_ID_PREFIX + request.request_id,
         user_id=principal.user_id,
@@ -51,6 +57,7 @@ def build_record(
         tier=principal.tier,
         latency_ms=max(0, round((ended - request.started) * 1000)),
         created_at=iso(request.started),
-        settle_status=PENDING if generation_id else UNSETTLED,
-        next_attempt_at=iso(first_lookup_at) if generation_id else None,
+        settled_at=iso(ended) if status == REPORTED else None,
+        settle_status=status,
+        next_attempt_at=iso(first_lookup_at) if status == PENDING else None,
     )

@@ -24,7 +24,7 @@ from gateway.core import windows
 from gateway.core.clock import iso
 from gateway.core.errors import BadRequest
 from gateway.store import Store
-from gateway.store.usage import SETTLED, UsageRecord
+from gateway.store.usage import FINAL, UsageRecord
 
 PERIODS = ("day", "week", "month")
 GROUPS = ("user", "model", "tier", "day")
@@ -74,7 +74,7 @@ class Figures:
         self.provider_cost += record.provider_cost
         self.markup += record.markup
         self.total_cost += record.total_cost
-        if record.settle_status != SETTLED:
+        if record.settle_status not in FINAL:
             self.unsettled_requests += 1
 
     def as_dict(self) -> dict[str, Any]:

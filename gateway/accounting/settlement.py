@@ -28,6 +28,7 @@ import asyncio
 import heapq
 import itertools
 import logging
+import re
 import secrets
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -39,9 +40,10 @@ import orjson
 from gateway.accounting.pacing import Pacer
 from gateway.core.clock import Clock, iso, parse_iso, system_clock
 from gateway.core.config import GenerationLookupConfig
+from gateway.core.metrics import Metrics
 from gateway.core.money import markup_for, to_decimal
 from gateway.store.usage import PENDING, SETTLED, UNSETTLED, Settlement, UsageRecord
-from gateway.upstream.client import UpstreamClient, UpstreamConnectionError
+from gateway.upstream.client import UpstreamClient, UpstreamConnectionError, parse_json
 
 if TYPE_CHECKING:
     from gateway.store import Store
@@ -49,6 +51,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("gateway.accounting.settlement")
 
 KeyLookup = Callable[[str], Awaitable[str | None]]
+DISPATCH_TICK_S = 0.02  # the run loop's shortest sleep: due look-ups are handed over in batches
 
 
 class SettlementSink(Protocol):
@@ -72,13 +75,16 @@ class PendingGeneration:
     provider_cost: Decimal
     markup: Decimal
     markup_reason: str
+    prompt_tokens: int
+    completion_tokens: int
     attempts: int
     due: float
     key: str | None = field(default=None, repr=False)
+    reported: bool = False  # the response said what it cost: the look-up audits that figure
 
     @classmethod
-    def of(cls, record: UsageRecord, due: float, key: str | None, created_ts: float | None = None
-           ) -> "PendingGeneration":
+    def of(cls, record: UsageRecord, due: float, key: str | None, created_ts: float | None = None,
+           reported: bool = False) -> "PendingGeneration":
         return cls(
             generation_id=record.generation_id,
             user_id=record.user_id,
@@ -91,10 +97,41 @@ class PendingGeneration:
             provider_cost=record.provider_cost,
             markup=record.markup,
             markup_reason=record.markup_reason,
+            prompt_tokens=record.prompt_tokens,
+            completion_tokens=record.completion_tokens,
             attempts=record.settle_attempts,
             due=due,
             key=key,
+            reported=reported,
         )
+
+
+# the money in a /generation record; each is read exactly from its text (orjson alone would give floats)
+GENERATION_MONEY = ("total_cost", "usage", "cache_discount", "upstream_inference_cost")
+_MONEY_TEXT = {name: re.compile(rb'"' + name.encode() + rb'"\s*:\s*(-?\d+(?:\.\d+)?(?:[eE][+-]?\d+)?)')
+               for name in GENERATION_MONEY}
+
+
+def generation_data(raw: bytes) -> dict[str, Any] | None:
+    """The `data` of a `GET /generation` answer, parsed by orjson with every money field an exact Decimal
+    taken from the number's own text; when that text is not unambiguous (the name occurs twice), the
+    stdlib's Decimal parse decides. None for anything that is not such an answer."""
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return None
+    data = body.get("data") if isinstance(body, dict) else None
+    if not isinstance(data, dict):
+        return None
+    for name in GENERATION_MONEY:
+        value = data.get(name)
+        if isinstance(value, float) or (isinstance(value, int) and not isinstance(value, bool)):
+            found = _MONEY_TEXT[name].findall(raw)
+            if len(found) != 1:
+                exact = parse_json(raw).get("data")
+                return exact if isinstance(exact, dict) else None
+            data[name] = Decimal(found[0].decode())
+    return data
 
 
 def _count(value: Any) -> int | None:
@@ -124,8 +161,10 @@ class Settler:
         clock: Clock = system_clock,
         concurrency: int = 16,
         pacer: Pacer | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self._upstream = upstream
+        self._metrics = metrics or Metrics()
         self._cfg = lookup
         self._key_for = key_for
         self._is_free_generation = is_free_generation
@@ -134,10 +173,11 @@ class Settler:
         self._heap: list[tuple[float, int, PendingGeneration]] = []
         self._seq = itertools.count()
         self._wake = asyncio.Event()
-        self._limit = asyncio.Semaphore(concurrency)
         self._max_running = concurrency
+        self._queue: asyncio.Queue[PendingGeneration] = asyncio.Queue(maxsize=concurrency)
+        self._workers: list[asyncio.Future[None]] = []
+        self._in_flight = 0
         self._pacer = pacer
-        self._running: set[asyncio.Task[None]] = set()
         self.lookups = 0
         self.owner = "settler-" + secrets.token_hex(8)  # this instance, as the holder of leases
         self.lease_s = lookup.lease_s
@@ -147,7 +187,8 @@ class Settler:
 
     @property
     def pending(self) -> int:
-        return len(self._heap) + len(self._running)
+        """Look-ups not done yet: scheduled, handed to a worker, or under way (`gateway_settlements_pending`)."""
+        return len(self._heap) + self._queue.qsize() + self._in_flight
 
     def delay(self, attempts: int) -> float:
         """Seconds before look-up number `attempts + 1` (attempts already made)."""
@@ -157,15 +198,18 @@ class Settler:
     # -- scheduling ---------------------------------------------------------------
 
     def schedule(self, record: UsageRecord, *, key: str | None = None, due: float | None = None,
-                 created_ts: float | None = None) -> None:
-        """Put a record's look-up on the schedule (`due`/`created_ts` spare re-parsing its text times)."""
+                 created_ts: float | None = None, reported: bool = False) -> None:
+        """Put a record's look-up on the schedule (`due`/`created_ts` spare re-parsing its text times;
+        `reported`: the response carried its cost, which the answer audits)."""
         if due is None:
             due = parse_iso(record.next_attempt_at) if record.next_attempt_at else self._clock()
-        self._push(PendingGeneration.of(record, due, key, created_ts))
+        self._push(PendingGeneration.of(record, due, key, created_ts, reported))
 
     def _push(self, pending: PendingGeneration) -> None:
+        sooner = not self._heap or pending.due < self._heap[0][0]
         heapq.heappush(self._heap, (pending.due, next(self._seq), pending))
-        self._wake.set()
+        if sooner:  # the run loop sleeps until the earliest due time: only an earlier one must wake it
+            self._wake.set()
 
     def lease_until(self) -> str:
         """The lease end to stamp on the records this instance writes or renews now."""
@@ -196,61 +240,68 @@ class Settler:
 
     # -- running ----------------------------------------------------------------
 
-    def start_due(self) -> list[asyncio.Task[None]]:
-        """Start due look-ups, at most `concurrency` at a time (a backlog waits in the heap, not as tasks)."""
+    def _take_due(self) -> list[PendingGeneration]:
+        """Everything due now, off the heap, in due order."""
         now = self._clock()
-        started = []
-        while self._heap and self._heap[0][0] <= now and len(self._running) < self._max_running:
-            _, _, pending = heapq.heappop(self._heap)
-            task = asyncio.ensure_future(self._settle_guarded(pending))
-            self._running.add(task)
-            task.add_done_callback(self._finished)
-            started.append(task)
-        return started
-
-    def _finished(self, task: "asyncio.Task[None]") -> None:
-        self._running.discard(task)
-        self._wake.set()  # a slot is free: the run loop may start the next due look-up
+        due = []
+        while self._heap and self._heap[0][0] <= now:
+            due.append(heapq.heappop(self._heap)[2])
+        return due
 
     async def settle_due(self) -> int:
-        """Run every due look-up to completion (tests drive time with an injected clock)."""
+        """Run every due look-up to completion, `concurrency` at a time (tests drive time with a clock)."""
         done = 0
-        while tasks := self.start_due():
-            await asyncio.gather(*tasks)
-            done += len(tasks)
+        while due := self._take_due():
+            for start in range(0, len(due), self._max_running):
+                await asyncio.gather(*(self._settle_guarded(p) for p in due[start:start + self._max_running]))
+            done += len(due)
         return done
 
     async def run(self) -> None:
-        """Start what is due, then sleep until the next look-up is due or a slot frees.
+        """`concurrency` workers take due look-ups from a queue this loop fills: no task per look-up.
 
-        With every slot busy the wait has no timeout: `_finished` wakes it. (Waiting for
-        "the next due time" then would be a timeout of 0 for an overdue backlog: a spin.)
-        """
+        The loop hands over what is due, then sleeps until the next look-up is due (at least
+        `DISPATCH_TICK_S`, so a steady stream of records is handed over in batches, not one wake
+        each) or a record that is due sooner arrives. A full queue makes it wait for a worker, so a
+        backlog waits in the heap, never as tasks or a spin."""
+        self._workers = [asyncio.ensure_future(self._work()) for _ in range(self._max_running)]
+        try:
+            while True:
+                for pending in self._take_due():
+                    await self._queue.put(pending)
+                self._wake.clear()
+                timeout = max(self._heap[0][0] - self._clock(), DISPATCH_TICK_S) if self._heap else None
+                try:
+                    await asyncio.wait_for(self._wake.wait(), timeout)
+                except TimeoutError:
+                    pass
+        finally:
+            for worker in self._workers:
+                worker.cancel()
+
+    async def _work(self) -> None:
         while True:
-            self.start_due()
-            self._wake.clear()
-            timeout = None
-            if self._heap and len(self._running) < self._max_running:
-                timeout = max(self._heap[0][0] - self._clock(), 0.001)
+            pending = await self._queue.get()
+            self._in_flight += 1
             try:
-                await asyncio.wait_for(self._wake.wait(), timeout)
-            except TimeoutError:
-                pass
+                await self._settle_guarded(pending)
+            finally:
+                self._in_flight -= 1
 
     async def stop(self) -> None:
         """Cancel look-ups in flight; their records stay `pending` in the store and resume later."""
-        for task in list(self._running):
-            task.cancel()
-        await asyncio.gather(*self._running, return_exceptions=True)
+        for worker in self._workers:
+            worker.cancel()
+        await asyncio.gather(*self._workers, return_exceptions=True)
+        self._workers = []
 
     # -- one look-up ---------------------------------------------------------------
 
     async def _settle_guarded(self, pending: PendingGeneration) -> None:
         try:
-            async with self._limit:
-                if self._pacer is not None:
-                    await self._pacer.acquire()  # spare CPU only, or the floor rate when saturated
-                await self.settle(pending)
+            if self._pacer is not None:  # spare CPU only, or the floor rate when saturated and not behind
+                await self._pacer.acquire(self.pending)
+            await self.settle(pending)
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -268,14 +319,14 @@ class Settler:
         pending.attempts += 1
         self.lookups += 1
         try:
-            status, body = await self._upstream.call(
+            status, raw = await self._upstream.fetch(
                 "GET", "/generation?id=" + quote(pending.generation_id, safe=""), key=key, retry=False
             )
         except UpstreamConnectionError as exc:
             log.info("generation look-up for %s could not reach OpenRouter: %s", pending.generation_id, exc)
-            status, body = 0, None
-        data = body.get("data") if status == 200 and isinstance(body, dict) else None
-        cost = to_decimal(data.get("total_cost")) if isinstance(data, dict) else None
+            status, raw = 0, b""
+        data = generation_data(raw) if status == 200 else None
+        cost = to_decimal(data.get("total_cost")) if data is not None else None
         if cost is None or cost < 0:
             self._retry_or_give_up(pending)
             return
@@ -286,6 +337,12 @@ class Settler:
         model = data.get("model") if isinstance(data.get("model"), str) else pending.model
         free = pending.free or self._is_free_generation(pending.model, model)
         markup, reason = markup_for(cost, pending.tier, pending.markup_pct, free=free)
+        if pending.reported:
+            self._metrics.observe_audit(cost == pending.provider_cost)
+        tokens = authoritative_tokens(data)
+        self._metrics.observe_generation(
+            pending.tier, pending.prompt_tokens if tokens[0] is None else tokens[0],
+            pending.completion_tokens if tokens[1] is None else tokens[1], cost + markup, markup)
         self._apply(pending, Settlement(
             generation_id=pending.generation_id,
             provider_cost=cost,
@@ -296,7 +353,7 @@ class Settler:
             settle_attempts=pending.attempts,
             settled_at=iso(self._clock()),
             upstream=orjson.dumps(data, default=str).decode(),
-            tokens=authoritative_tokens(data),
+            tokens=tokens,
         ))
 
     def _retry_or_give_up(self, pending: PendingGeneration) -> None:
@@ -310,6 +367,9 @@ class Settler:
         self._push(pending)
 
     def _finish(self, pending: PendingGeneration, status: str, *, next_attempt_at: str | None = None) -> None:
+        if status == UNSETTLED:  # final at the provisional figures
+            self._metrics.observe_generation(pending.tier, pending.prompt_tokens, pending.completion_tokens,
+                                             pending.total_cost, pending.markup)
         self._apply(pending, Settlement(
             generation_id=pending.generation_id,
             provider_cost=pending.provider_cost,

@@ -16,17 +16,12 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute
 
 from gateway.accounts.byok import connect_byok
-from gateway.accounts.settings import validate_changes
-from gateway.api.common import (
-    gateway_of,
-    json_body,
-    json_response,
-    mirrored,
-    only_fields,
-    principal_of,
-)
+from gateway.accounts.settings import MAX_FALLBACK_MODELS, MAX_MODEL_ID_CHARS, validate_changes
+from gateway.api.common import gateway_of, json_body, json_response, mirrored, principal_of
+from gateway.api.inputs import Body, Field, accepts, read_body
 from gateway.auth.tokens import Principal
 from gateway.catalog import CatalogUnavailable
+from gateway.core.amounts import MAX_COUNT
 from gateway.core.clock import iso
 from gateway.core.errors import BadGateway, NotFound, PaymentRequired
 from gateway.proxy.endpoint import NO_KEY_MESSAGE
@@ -35,6 +30,30 @@ from gateway.upstream.credits import (
     KeyRejected,
     credits_view,
     fetch_credits,
+)
+
+MODEL_ID = r"^[^\s\x1c-\x1f\x85]+$"  # no str.isspace() character (ECMAScript's \s lacks \x1c-\x1f and \x85)
+MODEL_ID_RULE = (f"an OpenRouter model id such as \"openai/gpt-4o-mini\" (a non-empty string without spaces, "
+                 f"at most {MAX_MODEL_ID_CHARS} characters); see GET /v1/models")
+BYOK = Body(Field("api_key", "string", required=True,
+                  description="an OpenRouter inference key (sk-or-...), verified upstream before it is stored",
+                  message="Field 'api_key' is required: your OpenRouter key (sk-or-...)."))
+# `accounts.settings.validate_changes` applies the same rules again (it also serves the CLI); null resets a field
+SETTINGS = Body(
+    Field("default_model", "string", max_length=MAX_MODEL_ID_CHARS, pattern=MODEL_ID,
+          description="filled in when a request names no model", message=f"Field 'default_model' must be {MODEL_ID_RULE}."),
+    Field("fallback_models", "array", max_items=MAX_FALLBACK_MODELS,
+          items=Field("model", "string", nullable=False, max_length=MAX_MODEL_ID_CHARS, pattern=MODEL_ID),
+          description="OpenRouter's `models` fallback list, filled in when a request has none",
+          message=f"Field 'fallback_models' must be a list of at most {MAX_FALLBACK_MODELS} model ids, tried in order "
+                  "when the requested model fails; e.g. [\"anthropic/claude-3.5-haiku\"]."),
+    Field("temperature", "number", minimum=0, maximum=2, description="filled in when a request has none",
+          message="Field 'temperature' must be a number from 0 to 2, or null for no default."),
+    Field("max_tokens", "integer", minimum=1, maximum=MAX_COUNT, description="filled in when a request has none",
+          message=f"Field 'max_tokens' must be a whole number from 1 to {MAX_COUNT:,}, or null for no default."),
+    Field("fallback_enabled", "boolean", description="whether fallback_models is filled in",
+          message="Field 'fallback_enabled' must be true or false."),
+    unknown="Unknown setting {name!r}; the settings are: {allowed}.", sort_allowed=False,
 )
 
 
@@ -132,6 +151,7 @@ async def account(request: Request) -> Response:
     })
 
 
+@accepts(PUT=BYOK)
 async def openrouter_key(request: Request) -> Response:
     """PUT: connect the caller's own key (verified upstream first); DELETE: remove whichever key they have."""
     principal = await principal_of(request)
@@ -139,10 +159,9 @@ async def openrouter_key(request: Request) -> Response:
     user_id = principal.user_id
     actor = f"user:{user_id}"
     if request.method == "PUT":
-        body = await json_body(request)
-        only_fields(body, ("api_key",))
+        body = read_body(request, BYOK, await json_body(request))
         previous = principal.key.kind if principal.key else None
-        described = await connect_byok(gateway.store, gateway.vault, gateway.upstream, user_id, body.get("api_key"))
+        described = await connect_byok(gateway.store, gateway.vault, gateway.upstream, user_id, body["api_key"])
         gateway.auth.forget_user(user_id)
         await gateway.store.audit.append(actor=actor, action="key.byok.set", user_id=user_id,
                                          details={"last4": described["last4"], "replaced": previous})
@@ -158,11 +177,12 @@ async def openrouter_key(request: Request) -> Response:
 # -- settings ----------------------------------------------------------------------
 
 
+@accepts(PUT=SETTINGS)
 async def settings(request: Request) -> Response:
     principal = await principal_of(request)
     book = gateway_of(request).settings
     if request.method == "PUT":
-        changes = validate_changes(await json_body(request))
+        changes = validate_changes(read_body(request, SETTINGS, await json_body(request)))
         return json_response((await book.update(principal.user_id, changes)).public())
     return json_response(book.get(principal.user_id).public())
 

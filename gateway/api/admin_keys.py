@@ -8,9 +8,15 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
-from gateway.api.common import body_bytes, gateway_of, json_response, only_fields, parse_json_object
+from gateway.api.admin import KEY
+from gateway.api.common import body_bytes, gateway_of, json_response, parse_json_object
+from gateway.api.inputs import Body, Field, Money, accepts, read_body
 
 PREFIX = "/admin/v1"
+LIMIT = Money("limit_usd", hint=", or null for no limit",
+              description="the key's spending limit at OpenRouter in USD; null for none")
+NEW_KEY = Body(LIMIT, required=False, description="optional: without limit_usd, the tier's monthly budget is the limit")
+KEY_CHANGES = Body(LIMIT, Field("disabled", "boolean", nullable=False, message="disabled must be true or false."))
 
 
 def _provisioner(request: Request) -> Any:
@@ -19,6 +25,7 @@ def _provisioner(request: Request) -> Any:
     return gateway.provisioner
 
 
+@accepts(POST=NEW_KEY, PATCH=KEY_CHANGES, returns={"POST": KEY, "PATCH": KEY})
 async def managed_key(request: Request) -> Response:
     provisioner = _provisioner(request)
     user_id = request.path_params["user_id"]
@@ -26,13 +33,12 @@ async def managed_key(request: Request) -> Response:
     empty = request.method == "POST" and not request.headers.get("content-type") and not raw
     body = {} if empty else parse_json_object(request, raw)  # POST's body is optional: {} = the tier's default limit
     if request.method == "POST":
-        only_fields(body, ("limit_usd",))
-        described = await provisioner.provision(user_id, actor="admin", **body)
+        described = await provisioner.provision(user_id, actor="admin", **read_body(request, NEW_KEY, body))
         return json_response(described, status=201)
-    only_fields(body, ("limit_usd", "disabled"))
-    return json_response(await provisioner.update(user_id, body, actor="admin"))
+    return json_response(await provisioner.update(user_id, read_body(request, KEY_CHANGES, body), actor="admin"))
 
 
+@accepts(returns={"POST": KEY})
 async def rotate_managed_key(request: Request) -> Response:
     provisioner = _provisioner(request)
     return json_response(await provisioner.rotate(request.path_params["user_id"], actor="admin"))

@@ -6,23 +6,27 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
-from gateway.accounting.reports import choice
 from gateway.alerts.delivery import webhook_label
-from gateway.api.common import gateway_of, json_response, query_int
+from gateway.api.common import gateway_of, json_response
+from gateway.api.inputs import Choice, IntParam, Query, Text, accepts, read_query
 from gateway.core.clock import iso
-from gateway.core.errors import BadRequest
 from gateway.store.alerts import STATES
 
+QUERY = Query(
+    IntParam("limit", "rows per page", default=50, low=1, high=500),
+    Choice("state", "only deliveries in this state", allowed=STATES),
+    Text("cursor", "the next_cursor of the previous page", pattern="[^|]*[|].*",
+         message="cursor must be the next_cursor value of the previous page."),
+)
 
+
+@accepts(GET=QUERY)
 async def list_alerts(request: Request) -> Response:
     gateway = gateway_of(request)
     gateway.admin.check(request.headers.get("authorization"))
-    limit = query_int(request, "limit", 50, low=1, high=500)
-    state = choice("state", request.query_params.get("state"), STATES, "") or None
-    cursor = request.query_params.get("cursor") or None
-    if cursor is not None and "|" not in cursor:
-        raise BadRequest("cursor must be the next_cursor value of the previous page.", param="cursor")
-    rows = await gateway.store.alerts.page(limit=limit + 1, state=state, before=cursor)
+    query = read_query(request, QUERY)
+    limit = query["limit"]
+    rows = await gateway.store.alerts.page(limit=limit + 1, state=query["state"], before=query["cursor"])
     more = len(rows) > limit
     rows = rows[:limit]
     data = [

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from decimal import Decimal
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import TYPE_CHECKING, Any
 
 from starlette.requests import Request
 from starlette.responses import Response
@@ -81,48 +81,6 @@ async def json_body(request: Request, *, max_bytes: int | None = None) -> dict[s
     """The body as a JSON object; the content type is checked before a byte of the body is read."""
     require_json(request)
     return parse_json_object(request, await body_bytes(request, max_bytes=max_bytes))
-
-
-def only_fields(body: dict[str, Any], allowed: Iterable[str]) -> None:
-    allowed = set(allowed)
-    for name in body:
-        if name not in allowed:
-            raise BadRequest(
-                f"Unknown field {name!r}; allowed fields are: {', '.join(sorted(allowed))}.", param=name
-            )
-
-
-def field_of(body: dict[str, Any], name: str, kind: type | tuple[type, ...], *, required: bool = False,
-             nullable: bool = True) -> Any:
-    if name not in body or (body[name] is None and nullable and not required):
-        if required:
-            raise BadRequest(f"Field {name!r} is required.", param=name)
-        return None
-    value = body[name]
-    kinds = kind if isinstance(kind, tuple) else (kind,)
-    if isinstance(value, bool) and bool not in kinds:
-        raise BadRequest(f"Field {name!r} must be {_names(kinds)}, not a boolean.", param=name)
-    if not isinstance(value, kinds):
-        raise BadRequest(f"Field {name!r} must be {_names(kinds)}, got {type(value).__name__}.", param=name)
-    return value
-
-
-def _names(kinds: tuple[type, ...]) -> str:
-    names = {str: "a string", int: "an integer", float: "a number", bool: "a boolean", list: "a list", dict: "an object"}
-    return " or ".join(names.get(k, k.__name__) for k in kinds)
-
-
-def query_int(request: Request, name: str, default: int, *, low: int, high: int) -> int:
-    raw = request.query_params.get(name)
-    if raw is None:
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise BadRequest(f"Query parameter {name!r} must be an integer, got {raw!r}.", param=name) from None
-    if not low <= value <= high:
-        raise BadRequest(f"Query parameter {name!r} must be between {low} and {high}.", param=name)
-    return value
 
 
 async def principal_of(request: Request) -> "Principal":

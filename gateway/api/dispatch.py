@@ -5,7 +5,6 @@ Starlette for the JSON APIs.
 from __future__ import annotations
 
 import logging
-import secrets
 import time
 from typing import Any, MutableMapping
 from urllib.parse import unquote
@@ -16,6 +15,7 @@ from starlette.requests import Request
 
 from gateway.api.common import error_response
 from gateway.core.errors import GatewayError
+from gateway.core.ids import new_request_id
 from gateway.core.logs import redact
 from gateway.core.metrics import Metrics, route_label
 from gateway.proxy.endpoint import ProxyEndpoint, send_error
@@ -54,7 +54,7 @@ class GatewayApp:
         if scope["type"] != "http":
             await self.api(scope, receive, send)
             return
-        request_id = _incoming_request_id(scope) or "req_" + secrets.token_hex(8)
+        request_id = _incoming_request_id(scope) or new_request_id()
         scope.setdefault("state", {})["request_id"] = request_id
         started = time.perf_counter()
         status = 0

@@ -17,27 +17,24 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute
 
 from gateway.api.common import gateway_of, json_response, mirrored, principal_of
+from gateway.api.inputs import IntParam, Query, Text, accepts, read_query
 from gateway.catalog import MAX_PAGE_SIZE, CatalogUnavailable, Snapshot, page
 from gateway.core.clock import iso
-from gateway.core.errors import BadGateway, BadRequest, NotFound, PaymentRequired, ServiceUnavailable
+from gateway.core.errors import BadGateway, NotFound, PaymentRequired, ServiceUnavailable
 from gateway.proxy.endpoint import NO_KEY_MESSAGE
 
-
-def _paging_param(request: Request, name: str, low: int, high: int) -> int | None:
-    raw = request.query_params.get(name)
-    if raw is None:
-        return None
-    try:
-        value = int(raw)
-    except ValueError:
-        value = None
-    if value is None or not low <= value <= high:
-        raise BadRequest(
-            f"Query parameter {name!r} must be an integer from {low} to {high}, got {raw!r} "
-            "(page with e.g. ?offset=0&limit=500; send neither for the whole list).",
-            param=name,
-        )
-    return value
+PAGING_RULE = ("Query parameter {name!r} must be an integer from {low} to {high}, got {raw!r} "
+               "(page with e.g. ?offset=0&limit=500; send neither for the whole list).")
+PAGING = (
+    IntParam("offset", "the first row of the page; send neither offset nor limit for the whole list",
+             low=0, high=10**9, message=PAGING_RULE),
+    IntParam("limit", "rows per page", low=1, high=MAX_PAGE_SIZE, message=PAGING_RULE),
+)
+MODALITIES = Text("output_modalities", "OpenRouter's filter: text (the default), image, embeddings …, or all; "
+                                       "comma-separated for several")
+LISTING = Query(*PAGING, MODALITIES)
+EMBEDDERS = Query(*PAGING)
+COUNTING = Query(MODALITIES)
 
 
 async def _snapshot(request: Request) -> Snapshot:
@@ -57,14 +54,9 @@ def _headers(snapshot: Snapshot) -> dict[str, str]:
     return headers
 
 
-def _paging(request: Request) -> tuple[int | None, int | None]:
-    """Checked before anything is fetched: bad input never costs an upstream call."""
-    return _paging_param(request, "offset", 0, 10**9), _paging_param(request, "limit", 1, MAX_PAGE_SIZE)
-
-
-def _listing(request: Request, paging: tuple[int | None, int | None], snapshot: Snapshot,
-             rows: list[dict[str, Any]], modalities: str | None) -> Response:
-    chunk, next_offset = page(rows, *paging)
+def _listing(request: Request, query: dict[str, Any], snapshot: Snapshot, rows: list[dict[str, Any]],
+             modalities: str | None) -> Response:
+    chunk, next_offset = page(rows, query["offset"], query["limit"])
     next_link = None
     if next_offset is not None:
         next_link = f"{request.url.path}?offset={next_offset}&limit={len(chunk)}"
@@ -74,40 +66,48 @@ def _listing(request: Request, paging: tuple[int | None, int | None], snapshot: 
     return json_response(payload, headers=_headers(snapshot))
 
 
+# the query is checked before anything is fetched: bad input never costs an upstream call
+
+
+@accepts(GET=LISTING)
 async def list_models(request: Request) -> Response:
-    paging = _paging(request)
+    query = read_query(request, LISTING)
     snapshot = await _snapshot(request)
-    modalities = request.query_params.get("output_modalities")
-    return _listing(request, paging, snapshot, snapshot.rows(modalities), modalities)
+    modalities = query["output_modalities"]
+    return _listing(request, query, snapshot, snapshot.rows(modalities), modalities)
 
 
+@accepts(GET=EMBEDDERS)
 async def embedding_models(request: Request) -> Response:
-    paging = _paging(request)
+    query = read_query(request, EMBEDDERS)
     snapshot = await _snapshot(request)
-    return _listing(request, paging, snapshot, snapshot.rows("embeddings"), "embeddings")
+    return _listing(request, query, snapshot, snapshot.rows("embeddings"), "embeddings")
 
 
+@accepts(GET=COUNTING)
 async def count_models(request: Request) -> Response:
+    query = read_query(request, COUNTING)
     snapshot = await _snapshot(request)
-    rows = snapshot.rows(request.query_params.get("output_modalities"))
+    rows = snapshot.rows(query["output_modalities"])
     return json_response({"data": {"count": len(rows)}}, headers=_headers(snapshot))
 
 
+@accepts(GET=LISTING)
 async def user_models(request: Request) -> Response:
     """The catalogue as the caller's OpenRouter key sees it: OpenRouter's `/models/user` ids, cached per key."""
     principal = await principal_of(request)
     if principal.key is None:
         raise PaymentRequired(NO_KEY_MESSAGE)
-    paging = _paging(request)
+    query = read_query(request, LISTING)
     snapshot = await _snapshot(request)
     try:
         allowed = await gateway_of(request).catalog.views.user_model_ids(principal.key.secret)
     except CatalogUnavailable as exc:
         raise BadGateway(f"{exc}; the models your OpenRouter key may use could not be listed. Try again shortly, "
                          "or use GET /v1/models for the whole catalogue.") from None
-    modalities = request.query_params.get("output_modalities")
+    modalities = query["output_modalities"]
     rows = [row for row in snapshot.rows(modalities) if row["id"] in allowed]
-    return _listing(request, paging, snapshot, rows, modalities)
+    return _listing(request, query, snapshot, rows, modalities)
 
 
 def _model_id(request: Request) -> str:

@@ -13,13 +13,18 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
-from gateway.accounting.reports import PERIODS, choice
+from gateway.accounting.reports import PERIODS
 from gateway.accounting.trends import SPLITS, daily_series, model_stats, top_spenders
-from gateway.api.common import gateway_of, json_response, query_int
+from gateway.api.common import gateway_of, json_response
+from gateway.api.inputs import Choice, IntParam, Query, accepts, read_query
 from gateway.core.clock import iso
 from gateway.limits.policy import Limits
 
 PREFIX = "/admin/v1"
+DAILY_QUERY = Query(IntParam("days", "UTC days back, today included", default=30, low=1, high=90),
+                    Choice("split", "one series per", allowed=SPLITS, default="tier"))
+MODELS_QUERY = Query(Choice("period", "the current UTC day, week or month", allowed=PERIODS, default="month"))
+TOP_QUERY = Query(IntParam("limit", "how many users", default=10, low=1, high=100))
 
 
 def _admin(request: Request) -> Any:
@@ -35,27 +40,30 @@ async def _flushed(gateway: Any) -> None:
         pass
 
 
+@accepts(GET=DAILY_QUERY)
 async def usage_daily(request: Request) -> Response:
     """Cost and requests per UTC day for the last `days` days, split by tier, model or user."""
     gateway = _admin(request)
-    days = query_int(request, "days", 30, low=1, high=90)
-    split = choice("split", request.query_params.get("split"), SPLITS, "tier")
+    query = read_query(request, DAILY_QUERY)
     await _flushed(gateway)
-    return json_response(await daily_series(gateway.store, days=days, split=split, now=gateway.clock()))
+    return json_response(await daily_series(gateway.store, days=query["days"], split=query["split"],
+                                            now=gateway.clock()))
 
 
+@accepts(GET=MODELS_QUERY)
 async def usage_models(request: Request) -> Response:
     """Per model this period: requests, cost, latency and time-to-first-byte percentiles."""
     gateway = _admin(request)
-    period = choice("period", request.query_params.get("period"), PERIODS, "month")
+    period = read_query(request, MODELS_QUERY)["period"]
     await _flushed(gateway)
     return json_response(await model_stats(gateway.store, period=period, now=gateway.clock()))
 
 
+@accepts(GET=TOP_QUERY)
 async def top_users(request: Request) -> Response:
     """The users who spent most this month, with their monthly budget."""
     gateway = _admin(request)
-    limit = query_int(request, "limit", 10, low=1, high=100)
+    limit = read_query(request, TOP_QUERY)["limit"]
     config = gateway.config
 
     def monthly_budget(user: dict[str, Any]) -> Decimal | None:

@@ -14,7 +14,9 @@ from gateway.upstream.client import UpstreamConnectionError
 
 
 async def health(request: Request) -> Response:
-    return json_response({"status": "ok"})
+    """Alive; with the event loop it runs on (the bench reports it per target)."""
+    loop = type(asyncio.get_running_loop()).__module__.split(".")[0]
+    return json_response({"status": "ok", "loop": "uvloop" if loop == "uvloop" else "asyncio"})
 
 
 async def ready(request: Request) -> Response:
@@ -45,9 +47,10 @@ async def ready(request: Request) -> Response:
 
 
 async def metrics(request: Request) -> Response:
-    """Prometheus text format; unauthenticated like /health (expose it on a private network)."""
+    """Prometheus text format, every worker's figures in one scrape; unauthenticated like /health (expose it
+    on a private network)."""
     gateway = gateway_of(request)
-    return Response(gateway.metrics.render(), media_type="text/plain; version=0.0.4")
+    return Response(await gateway.metrics.scrape(), media_type="text/plain; version=0.0.4")
 
 
 routes = [

@@ -15,18 +15,22 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from gateway.accounting.generations import generation_view, parse_generation_id
-from gateway.accounting.reports import (
-    API_FORMATS,
-    GROUPS,
-    PERIODS,
-    choice,
-    report_csv,
-    usage_report,
-)
+from gateway.accounting.reports import API_FORMATS, GROUPS, PERIODS, report_csv, usage_report
 from gateway.api.common import gateway_of, json_response, mirrored, principal_of
+from gateway.api.inputs import Choice, Query, Text, accepts, read_query
 from gateway.core.errors import NotFound
 
 log = logging.getLogger("gateway.api.usage")
+PERIOD = Choice("period", "the current UTC day, week (from Monday) or month", allowed=PERIODS, default="month")
+GENERATION_QUERY = Query(Text("id", "the generation id: a response's `id` or X-Generation-Id", required=True,
+                              check=parse_generation_id))
+USAGE_QUERY = Query(PERIOD)
+ADMIN_USAGE_QUERY = Query(
+    PERIOD,
+    Choice("group_by", "one row per", allowed=GROUPS, default="user"),
+    Choice("format", "csv for a spreadsheet", allowed=API_FORMATS, default="json"),
+    Text("user_id", "only this user"),
+)
 
 
 async def _flushed(gateway: Any) -> None:
@@ -37,9 +41,10 @@ async def _flushed(gateway: Any) -> None:
         log.exception("flushing usage records before a report failed")
 
 
+@accepts(GET=GENERATION_QUERY)
 async def generation(request: Request) -> Response:
     principal = await principal_of(request)
-    generation_id = parse_generation_id(request.query_params.get("id"))
+    generation_id = read_query(request, GENERATION_QUERY)["id"]
     gateway = gateway_of(request)
     record = await gateway.ledger.lookup(generation_id)
     if record is None or record.user_id != principal.user_id:
@@ -47,9 +52,10 @@ async def generation(request: Request) -> Response:
     return json_response({"data": await generation_view(gateway.upstream, principal, record)})
 
 
+@accepts(GET=USAGE_QUERY)
 async def usage(request: Request) -> Response:
     principal = await principal_of(request)
-    period = choice("period", request.query_params.get("period"), PERIODS, "month")
+    period = read_query(request, USAGE_QUERY)["period"]
     gateway = gateway_of(request)
     await _flushed(gateway)
     report = await usage_report(
@@ -58,14 +64,12 @@ async def usage(request: Request) -> Response:
     return json_response(report)
 
 
+@accepts(GET=ADMIN_USAGE_QUERY)
 async def admin_usage(request: Request) -> Response:
     gateway = gateway_of(request)
     gateway.admin.check(request.headers.get("authorization"))
-    query = request.query_params
-    period = choice("period", query.get("period"), PERIODS, "month")
-    group_by = choice("group_by", query.get("group_by"), GROUPS, "user")
-    fmt = choice("format", query.get("format"), API_FORMATS, "json")
-    user_id = query.get("user_id") or None
+    query = read_query(request, ADMIN_USAGE_QUERY)
+    period, group_by, fmt, user_id = query["period"], query["group_by"], query["format"], query["user_id"]
     await _flushed(gateway)
     report = await usage_report(gateway.store, period=period, group_by=group_by, user_id=user_id, now=gateway.clock())
     if fmt == "csv":

@@ -84,7 +84,7 @@ class UpstreamConfig(_Section):
     retries: int = Field(3, ge=0, le=10)
     backoff_base_s: float = Field(1, ge=0)
     backoff_max_s: float = Field(30, ge=0)
-    client: Literal["aiohttp", "httpx"] = "aiohttp"
+    client: Literal["h1", "aiohttp", "httpx"] = "h1"  # h1: the gateway's own HTTP/1.1 client (the fastest)
     pool_size: int = Field(256, ge=1)
 
 
@@ -119,12 +119,17 @@ def _usd(value: Any) -> Any:
 
 
 class GenerationLookupConfig(_Section):
+    # all: every generation is looked up (GET /generation); missing: only those whose response carried no
+    # usage.cost (cut, cancelled, errored), plus a sample of `audit_fraction` of the rest
+    policy: Literal["all", "missing"] = "all"
+    audit_fraction: float = Field(0.01, ge=0, le=1)
     first_delay_s: float = Field(0.5, ge=0)
     factor: float = Field(2.0, ge=1)
     max_delay_s: float = Field(30, gt=0)
     attempts: int = Field(12, ge=1)
     busy_cpu_share: float = Field(0.6, gt=0)
     busy_floor_per_s: float = Field(20, gt=0)
+    busy_max_backlog: int = Field(2000, ge=0)  # with more look-ups pending than this they run at full speed, busy or not
     lease_s: float = Field(30, gt=0)
 
 

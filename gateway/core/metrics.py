@@ -3,15 +3,20 @@
 Rendered in the text exposition format at `GET /metrics`. Labels are bounded (route
 templates, never raw paths; status classes, tier names, limit names, fixed kinds) so the series count
 cannot grow with traffic, and every label value is escaped, so no client text can forge a line.
-`snapshot()` / `render(merged=...)` let a scrape add up what several worker processes counted.
+`snapshot()` / `render(others)` let a scrape add up what several worker processes counted (the other
+workers' snapshots come from `peers`, `gateway.core.metrics_share` with `--workers N`): counters and
+histograms are summed, each gauge as `GAUGES` says.
 """
 
 from __future__ import annotations
 
+import asyncio
+import math
+import re
 from bisect import bisect_left
 from collections import defaultdict, deque
 from decimal import Decimal
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Protocol
 
 UNMATCHED_ROUTE = "unmatched"  # every path no route serves shares this one label
 LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
@@ -31,12 +36,32 @@ COUNTERS = {  # family → its label names, in order
     "gateway_catalog_requests_total": ("result",),
     # admissions decided on an instance's own counters while Redis was unreachable (`redis.on_error: local`)
     "gateway_limits_fallback_total": (),
+    # look-ups of a generation whose response had reported its cost: did /generation say the same?
+    "gateway_settlement_audits_total": ("result",),
 }
+MONEY_COUNTERS = ("gateway_cost_usd_total", "gateway_markup_usd_total")  # exact: Decimal text in a snapshot
 HISTOGRAMS = {
     "gateway_request_duration_seconds": ("route",),
     "gateway_upstream_ttfb_seconds": (),
     "gateway_overhead_seconds": (),
 }
+# How one scrape combines the workers' values of a gauge. None of them is read from the shared database:
+# each is a quantity of one process, so those that count things are summed. (A gauge not named here is
+# summed too.)
+GAUGES: dict[str, Callable[[Iterable[float]], float]] = {
+    "gateway_streams_in_flight": sum,  # the streams each worker is relaying
+    "gateway_usage_queue_depth": sum,  # the records each worker has not written yet
+    # the look-ups each worker has scheduled: a pending record is leased to one worker, so none counts twice
+    "gateway_settlements_pending": sum,
+    # 1 while admissions run on a process's own counters (`redis.on_error: local`): 1 if any worker does
+    "gateway_limits_fallback": max,
+}
+
+
+class Peers(Protocol):
+    """The latest snapshots of the other worker processes (read from files: may block briefly)."""
+
+    def snapshots(self) -> list[dict[str, Any]]: ...
 
 
 class Histogram:
@@ -54,7 +79,8 @@ class Histogram:
 
 
 class Metrics:
-    def __init__(self) -> None:
+    def __init__(self, peers: Peers | None = None) -> None:
+        self._peers = peers  # None: this process is the only one (no `--workers N`)
         self.requests: defaultdict[tuple[str, str], int] = defaultdict(int)
         self.latency: defaultdict[str, Histogram] = defaultdict(Histogram)
         self.ttfb = Histogram()
@@ -66,6 +92,7 @@ class Metrics:
         self.refusals: defaultdict[str, int] = defaultdict(int)
         self.catalog: defaultdict[str, int] = defaultdict(int)
         self.limits_fallback = 0
+        self.audits: defaultdict[str, int] = defaultdict(int)
         self.gauges: dict[str, Callable[[], float]] = {}
         # the last refusals and upstream errors of this process, newest last (the dashboard lists them)
         self.recent: deque[dict[str, Any]] = deque(maxlen=RECENT_PROBLEMS)
@@ -101,6 +128,9 @@ class Metrics:
     def observe_catalog(self, result: str) -> None:
         self.catalog[result] += 1
 
+    def observe_audit(self, matched: bool) -> None:
+        self.audits["match" if matched else "differ"] += 1
+
     def observe_limits_fallback(self) -> None:
         self.limits_fallback += 1
 
@@ -120,6 +150,7 @@ class Metrics:
             "gateway_limit_refusals_total": [[[k], v] for k, v in self.refusals.items()],
             "gateway_catalog_requests_total": [[[k], v] for k, v in self.catalog.items()],
             "gateway_limits_fallback_total": [[[], self.limits_fallback]] if self.limits_fallback else [],
+            "gateway_settlement_audits_total": [[[k], v] for k, v in self.audits.items()],
         }
         histograms = {
             "gateway_request_duration_seconds": [[[r], h.counts, h.total, h.count] for r, h in self.latency.items()],
@@ -133,16 +164,23 @@ class Metrics:
         """This process's figures, plus those of `others` (other workers' snapshots), summed."""
         return render_snapshots([self.snapshot(), *others])
 
+    async def scrape(self) -> str:
+        """What `GET /metrics` answers: this process's live figures plus the other workers' latest
+        snapshots (read off the event loop), so any one worker's scrape covers them all."""
+        others = await asyncio.to_thread(self._peers.snapshots) if self._peers is not None else []
+        return self.render(others)
+
 
 def _number(value: Any) -> Decimal | int:
     return Decimal(value) if isinstance(value, str) else value
 
 
 def render_snapshots(snapshots: list[dict[str, Any]]) -> str:
-    """Sum snapshots series by series and write the text format: counters, histograms, gauges."""
+    """Sum snapshots series by series and write the text format: counters, histograms, gauges (each
+    combined as `GAUGES` says)."""
     counters: dict[str, dict[tuple[str, ...], Any]] = {name: {} for name in COUNTERS}
     histograms: dict[str, dict[tuple[str, ...], list[Any]]] = {name: {} for name in HISTOGRAMS}
-    gauges: dict[str, float] = {}
+    gauges: dict[str, list[float]] = {}
     for snap in snapshots:
         for name, series in snap.get("counters", {}).items():
             into = counters.setdefault(name, {})
@@ -157,7 +195,7 @@ def render_snapshots(snapshots: list[dict[str, Any]]) -> str:
                 have[1] += total
                 have[2] += count
         for name, value in snap.get("gauges", {}).items():
-            gauges[name] = gauges.get(name, 0) + value
+            gauges.setdefault(name, []).append(value)
     lines: list[str] = []
     add = lines.append
     for name, label_names in COUNTERS.items():
@@ -175,10 +213,58 @@ def render_snapshots(snapshots: list[dict[str, Any]]) -> str:
                 add(f"{name}_bucket{_labels((*label_names, 'le'), (*labels, le))} {cumulative}")
             add(f"{name}_sum{_labels(label_names, labels)} {total}")
             add(f"{name}_count{_labels(label_names, labels)} {count}")
-    for name, value in sorted(gauges.items()):
+    for name, values in sorted(gauges.items()):
         add(f"# TYPE {name} gauge")
-        add(f"{name} {value}")
+        add(f"{name} {GAUGES.get(name, sum)(values)}")
     return "\n".join(lines) + "\n"
+
+
+def is_snapshot(data: Any) -> bool:
+    """Whether `data` has the shape `Metrics.snapshot()` writes, with known families and their label
+    counts, so merging it can neither fail nor add a series of its own (another worker's file could be
+    anything: damaged, or written by another version)."""
+    try:
+        counters, histograms, gauges = data["counters"], data["histograms"], data["gauges"]
+        return (all(_counter_series(COUNTERS[name], series, name in MONEY_COUNTERS)
+                    for name, series in counters.items())
+                and all(_histogram_series(HISTOGRAMS[name], series) for name, series in histograms.items())
+                and all(isinstance(name, str) and name.isidentifier() and _finite(value)
+                        for name, value in gauges.items()))
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return False
+
+
+_PLAIN_DECIMAL = re.compile(r"-?[0-9]{1,40}(\.[0-9]{1,40})?")  # as format(Decimal, "f") writes money
+
+
+def _counter_series(label_names: tuple[str, ...], series: Any, money: bool) -> bool:
+    for labels, value in series:
+        if not _label_values(label_names, labels):
+            return False
+        if not (isinstance(value, str) and _PLAIN_DECIMAL.fullmatch(value) if money else _whole(value)):
+            return False
+    return True
+
+
+def _histogram_series(label_names: tuple[str, ...], series: Any) -> bool:
+    for labels, counts, total, count in series:
+        if not (_label_values(label_names, labels) and isinstance(counts, list)
+                and len(counts) == len(LATENCY_BUCKETS_S) + 1 and all(_whole(n) for n in counts)
+                and _finite(total) and _whole(count)):
+            return False
+    return True
+
+
+def _label_values(label_names: tuple[str, ...], labels: Any) -> bool:
+    return isinstance(labels, list) and len(labels) == len(label_names) and all(isinstance(v, str) for v in labels)
+
+
+def _whole(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _labels(names: Iterable[str], values: Iterable[str]) -> str:

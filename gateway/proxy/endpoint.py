@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import secrets
 import time
 from typing import Callable, Iterator
 
@@ -29,6 +28,7 @@ from gateway.core.errors import (
     UnsupportedMediaType,
     upstream_error_body,
 )
+from gateway.core.ids import new_request_id
 from gateway.core.metrics import Metrics
 from gateway.proxy.body import read_body
 from gateway.proxy.sse import Observation, StreamObserver, error_event, observe_body
@@ -503,7 +503,7 @@ def _request_id(scope: Scope) -> str:
     state = scope.get("state")
     if isinstance(state, dict) and "request_id" in state:
         return state["request_id"]
-    return "req_" + secrets.token_hex(8)
+    return new_request_id()
 
 
 async def send_error(send: Send, error: GatewayError, request_id: str) -> None:

@@ -24,6 +24,7 @@ import orjson
 _MAX_TAIL = 1 << 20  # a single SSE line longer than this is not observed (still passed through)
 _FINISH = re.compile(rb'"finish_reason"\s*:\s*"([^"]+)"')
 _USAGE = re.compile(rb'"usage"\s*:\s*\{')
+_NUMBER_TEXT = rb'"\s*:\s*(-?\d+(?:\.\d+)?(?:[eE][+-]?\d+)?)'  # after a key: a JSON number, exactly
 _RESPONSE_EVENT = b'"type":"response.'
 # A Responses status in chat terms; `incomplete` takes its reason (max_output_tokens → length).
 _RESPONSE_FINISH = {"completed": "stop", "failed": "error", "cancelled": "cancelled"}
@@ -66,6 +67,36 @@ def parse_usage(raw: bytes) -> dict[str, Any] | None:
     except ValueError:
         return None
     return value if isinstance(value, dict) else None
+
+
+def exact_usage(raw: bytes, usage: dict[str, Any]) -> dict[str, Any] | None:
+    """`usage` as orjson parsed it from `raw`, with each number that is not an integer (`cost`,
+    `cost_details.*`) made an exact Decimal from its own text; when a text is not plainly that
+    number (or a list holds one), the stdlib's Decimal parse of the whole object decides."""
+    match = None
+    for match in _USAGE.finditer(raw):  # noqa: B007 (the last match is the one wanted)
+        pass
+    if match is None or not _exact_numbers(usage, raw, match.end()):
+        return parse_usage(raw)
+    return usage
+
+
+def _exact_numbers(obj: dict[str, Any], raw: bytes, start: int) -> bool:
+    for key, value in obj.items():
+        if isinstance(value, float):
+            found = re.compile(rb'"' + re.escape(key.encode()) + _NUMBER_TEXT).search(raw, start)
+            if found is None:
+                return False
+            exact = Decimal(found.group(1).decode())
+            if float(exact) != value:
+                return False
+            obj[key] = exact
+        elif isinstance(value, dict):
+            if not _exact_numbers(value, raw, start):
+                return False
+        elif isinstance(value, list) and any(isinstance(v, (float, dict, list)) for v in value):
+            return False
+    return True
 
 
 class StreamObserver:
@@ -197,7 +228,7 @@ def observe_body(raw: bytes, observation: Observation | None = None) -> Observat
     if body.get("object") == "response":
         read_response(body, obs)
         if isinstance(obs.usage, dict):
-            obs.usage = parse_usage(raw)  # Decimal-exact cost
+            obs.usage = exact_usage(raw, obs.usage)  # Decimal-exact cost
         return obs
     obs.generation_id = obs.generation_id or _str(body.get("id"))
     obs.model = _str(body.get("model")) or obs.model
@@ -209,8 +240,9 @@ def observe_body(raw: bytes, observation: Observation | None = None) -> Observat
             obs.error = choices[0]["error"]
     if isinstance(body.get("error"), dict):
         obs.error = body["error"]
-    if "usage" in body:
-        obs.usage = parse_usage(raw)
+    usage = body.get("usage")
+    if isinstance(usage, dict):
+        obs.usage = exact_usage(raw, usage)
     return obs
 
 

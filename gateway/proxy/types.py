@@ -56,6 +56,7 @@ class Charge:
     completion_tokens: int
     reasoning_tokens: int
     cached_tokens: int
+    cost_reported: bool = False  # the response carried `usage.cost` (else provider_cost is 0 until settled)
 
 
 class Pricing(Protocol):

@@ -15,6 +15,9 @@ from gateway.core.clock import Clock, system_clock
 from gateway.store.database import Database, Row
 
 PENDING, SETTLED, UNSETTLED = "pending", "settled", "unsettled"
+# final at the cost the response itself reported, never looked up (`generation_lookup.policy: missing`)
+REPORTED = "reported"
+FINAL = (SETTLED, REPORTED)  # a figure that will not change
 
 
 @dataclass(slots=True)
@@ -244,7 +247,7 @@ class UsageRepository:
         rows = await self._db.fetchall(sql + " ORDER BY created_at, generation_id", params)
         return [UsageRecord.from_row(r) for r in rows]
 
-    async def delete_before(self, before_iso: str, *, statuses: Iterable[str] = (SETTLED, UNSETTLED)) -> int:
+    async def delete_before(self, before_iso: str, *, statuses: Iterable[str] = (SETTLED, REPORTED, UNSETTLED)) -> int:
         """Retention: drop finished records older than `before_iso` (pending ones are kept)."""
         total = 0
         for status in statuses:

@@ -227,7 +227,12 @@ class HttpxTransport:
 
 
 def make_transport(kind: str, *, pool_size: int, connect_timeout_s: float, read_timeout_s: float) -> Transport:
-    cls = AiohttpTransport if kind == "aiohttp" else HttpxTransport
+    """`upstream.client`: h1 (the gateway's own, `gateway.upstream.h1`), aiohttp or httpx."""
+    cls: Any
+    if kind == "h1":
+        from gateway.upstream.h1 import H1Transport as cls
+    else:
+        cls = AiohttpTransport if kind == "aiohttp" else HttpxTransport
     return cls(pool_size=pool_size, connect_timeout_s=connect_timeout_s, read_timeout_s=read_timeout_s)
 
 
@@ -332,21 +337,26 @@ class UpstreamClient:
                     continue
             return response
 
+    async def fetch(self, method: str, path: str, *, key: str, body: bytes | None = None,
+                    retry: bool = True) -> tuple[int, bytes]:
+        """A whole answer, unparsed: status and body bytes."""
+        headers = {"content-type": "application/json"} if body is not None else {}
+        response = await self.open(method, path, key=key, body=body, headers=headers, retries=None if retry else 0)
+        try:
+            return response.status, await response.read()
+        finally:
+            await response.close()
+
     async def call(
         self, method: str, path: str, *, key: str, payload: Any = None, retry: bool = True
     ) -> tuple[int, Any]:
         """A control-plane call (key, generation, models, credits, keys): status and Decimal-parsed JSON."""
-        body = dumps(payload) if payload is not None else None
-        headers = {"content-type": "application/json"} if body is not None else {}
-        response = await self.open(method, path, key=key, body=body, headers=headers, retries=None if retry else 0)
+        status, raw = await self.fetch(method, path, key=key, body=dumps(payload) if payload is not None else None,
+                                       retry=retry)
         try:
-            raw = await response.read()
-        finally:
-            await response.close()
-        try:
-            return response.status, parse_json(raw) if raw else None
+            return status, parse_json(raw) if raw else None
         except ValueError:
-            return response.status, {"error": {"message": raw[:300].decode("utf-8", "replace")}}
+            return status, {"error": {"message": raw[:300].decode("utf-8", "replace")}}
 
     async def close(self) -> None:
         await self.transport.close()

@@ -25,7 +25,8 @@ from gateway.accounting.settlement import Settler
 from gateway.auth.tokens import Principal
 from gateway.core.config import Config
 from gateway.core.errors import BadRequest
-from gateway.core.money import markup_for
+from gateway.core.metrics import Metrics
+from gateway.core.money import dumps, markup_for
 from gateway.proxy.sse import Observation, observe_body
 from gateway.proxy.types import Charge, ProxyRequest
 from gateway.store import Store
@@ -47,16 +48,18 @@ class FakeUpstream:
         self.default = default
         self.calls: list[tuple[str, str]] = []
 
-    async def call(self, method: str, path: str, *, key: str, payload: Any = None, retry: bool = True) -> Any:
+    async def fetch(self, method: str, path: str, *, key: str, body: bytes | None = None,
+                    retry: bool = True) -> tuple[int, bytes]:
+        """The answer as OpenRouter sends it: JSON text (a Decimal step is written as a JSON number)."""
         self.calls.append((path, key))
         step = self.script.pop(0) if self.script else self.default
         if step == "down":
             raise UpstreamConnectionError("connection refused")
         if isinstance(step, int):
-            return step, {"error": {"code": step, "message": "Generation not found"}}
-        return 200, {"data": {"id": path.split("=", 1)[1], "model": "openai/gpt-4o-mini", "total_cost": step,
-                              "usage": step, "native_tokens_prompt": 11, "native_tokens_completion": 7,
-                              "native_tokens_reasoning": 2, "native_tokens_cached": 3}}
+            return step, dumps({"error": {"code": step, "message": "Generation not found"}})
+        return 200, dumps({"data": {"id": path.split("=", 1)[1], "model": "openai/gpt-4o-mini", "total_cost": step,
+                                    "usage": step, "native_tokens_prompt": 11, "native_tokens_completion": 7,
+                                    "native_tokens_reasoning": 2, "native_tokens_cached": 3}})
 
 
 def principal(tier: str = "trial", user_id: str = "usr_a", key: str | None = "sk-or-v1-user-a") -> Principal:
@@ -496,9 +499,9 @@ async def test_the_run_loop_sleeps_while_every_slot_is_busy(store: Store) -> Non
     gate = asyncio.Event()
 
     class Blocking:
-        async def call(self, *args: Any, **kwargs: Any) -> tuple[int, Any]:
+        async def fetch(self, *args: Any, **kwargs: Any) -> tuple[int, bytes]:
             await gate.wait()
-            return 404, None
+            return 404, b""
 
     cfg = config()
     settler = Settler(Blocking(), cfg.accounting.generation_lookup,  # type: ignore[arg-type]
@@ -509,14 +512,14 @@ async def test_the_run_loop_sleeps_while_every_slot_is_busy(store: Store) -> Non
                            first_lookup_at=_time.time())
         settler.schedule(record, key="k", due=_time.time() - 1)
     calls = 0
-    start_due = settler.start_due
+    take_due = settler._take_due
 
-    def counting() -> list[asyncio.Task[None]]:
+    def counting() -> list[Any]:
         nonlocal calls
         calls += 1
-        return start_due()
+        return take_due()
 
-    settler.start_due = counting  # type: ignore[method-assign]
+    settler._take_due = counting  # type: ignore[method-assign]
     runner = asyncio.create_task(settler.run())
     await asyncio.sleep(0.3)  # a window to count the loop's turns in, not a wait for a condition
     runner.cancel()
@@ -543,3 +546,92 @@ async def test_pending_lookups_are_leased_to_one_instance(store: Store) -> None:
     assert [await second.settler.resume(store), await third.settler.resume(store)] == [1, 0]
     stored = await store.usage.get("gen-l")
     assert stored is not None and stored.lease_owner == second.settler.owner
+
+
+# -- the look-up policy, the audit, and what the metrics count ----------------------------
+
+
+def test_generation_answers_parse_with_money_exact_from_the_text() -> None:
+    from gateway.accounting.settlement import generation_data
+
+    raw = (b'{"data": {"id": "gen-x", "total_cost": 0.000123456789012345678, "usage": 1e-7,'
+           b' "cache_discount": -0.5, "upstream_inference_cost": 3, "tokens_prompt": 10}}')
+    data = generation_data(raw)
+    assert data is not None
+    assert data["total_cost"] == Decimal("0.000123456789012345678")  # past float's 17 digits
+    assert data["usage"] == Decimal("1e-7") and data["cache_discount"] == Decimal("-0.5")
+    assert data["upstream_inference_cost"] == Decimal(3) and data["tokens_prompt"] == 10
+    assert all(isinstance(data[k], Decimal) for k in ("total_cost", "usage", "cache_discount"))
+    # a money name twice (nested): the exact stdlib parse decides, still no float
+    nested = b'{"data": {"total_cost": 0.1, "extra": {"total_cost": 0.2}}}'
+    assert generation_data(nested) == {"total_cost": Decimal("0.1"), "extra": {"total_cost": Decimal("0.2")}}
+    for bad in (b"", b"not json", b"[]", b'{"data": []}', b'{"error": {"code": 404}}'):
+        assert generation_data(bad) is None
+
+
+@pytest.mark.anyio
+async def test_policy_missing_keeps_a_reported_cost_and_looks_up_only_what_lacks_one(store: Store) -> None:
+    clock = FakeClock()
+    upstream = FakeUpstream(default=Decimal("0.5"))
+    ledger = make_ledger(store, clock, upstream, config(policy="missing", audit_fraction=0))
+    proxied(ledger, principal(), proxy_request(request_id="r1"), observation("gen-reported", "0.0000021"))
+    proxied(ledger, principal(), proxy_request(request_id="r2", cancelled=True), observation("gen-cut", "0.0000021"))
+    proxied(ledger, principal(), proxy_request(request_id="r3"), observation("gen-no-cost", None))
+    assert ledger.settler.pending == 2  # the cut one and the one without a cost
+    clock.now += 1
+    assert await ledger.settler.settle_due() == 2
+    await ledger.flush()
+    paths = sorted(path for path, _ in upstream.calls)
+    assert paths == ["/generation?id=gen-cut", "/generation?id=gen-no-cost"]
+    reported = await store.usage.get("gen-reported")
+    assert reported is not None and reported.settle_status == "reported"
+    assert reported.total_cost == Decimal("0.0000021") * Decimal("1.15")  # trial tier: 15% markup
+    assert reported.settled_at is not None and reported.next_attempt_at is None
+    for gen in ("gen-cut", "gen-no-cost"):
+        settled = await store.usage.get(gen)
+        assert settled is not None and settled.settle_status == "settled" and settled.provider_cost == Decimal("0.5")
+
+
+@pytest.mark.anyio
+async def test_policy_missing_audits_a_sample_and_counts_each_difference(store: Store) -> None:
+    clock = FakeClock()
+    upstream = FakeUpstream(script=[Decimal("0.0000021"), Decimal("0.0000030")])
+    cfg = config(policy="missing", audit_fraction=0.5)
+    settler = Settler(upstream, cfg.accounting.generation_lookup, key_for=lambda user: asyncio.sleep(0, None),  # type: ignore[arg-type]
+                      clock=clock, metrics=(metrics := Metrics()))
+    ledger = Ledger(store, cfg, settler=settler, clock=clock, metrics=metrics)
+    draws = iter([0.4, 0.6, 0.1])  # below the fraction: audited
+    ledger._sample = lambda: next(draws)
+    for n in range(3):
+        proxied(ledger, principal(), proxy_request(request_id=f"r{n}"), observation(f"gen-{n}", "0.0000021"))
+    assert ledger.settler.pending == 2
+    clock.now += 1
+    await ledger.settler.settle_due()
+    assert dict(metrics.audits) == {"match": 1, "differ": 1}
+    await ledger.flush()
+    statuses = [(await store.usage.get(f"gen-{n}")).settle_status for n in range(3)]  # type: ignore[union-attr]
+    assert statuses == ["settled", "reported", "settled"]
+
+
+@pytest.mark.anyio
+async def test_cost_metrics_count_each_generation_once_at_its_final_figure(store: Store) -> None:
+    """Pending generations are counted when they settle, at OpenRouter's figure, never twice."""
+    clock = FakeClock()
+    upstream = FakeUpstream(script=[404, Decimal("0.001")])
+    cfg = config()
+    settler = Settler(upstream, cfg.accounting.generation_lookup, key_for=lambda user: asyncio.sleep(0, None),  # type: ignore[arg-type]
+                      clock=clock, metrics=(metrics := Metrics()))
+    ledger = Ledger(store, cfg, settler=settler, clock=clock, metrics=metrics)
+    proxied(ledger, principal(), proxy_request(), observation("gen-m", "0.0000021"))
+    proxied(ledger, principal(), proxy_request(request_id="r-local"), observation(None, "0.0000021"))  # no id: final
+    local_total = Decimal("0.0000021") * Decimal("1.15")
+    assert metrics.cost["trial"] == local_total
+    clock.now += 1
+    await ledger.settler.settle_due()  # 404: still pending, not counted
+    assert metrics.cost["trial"] == local_total
+    clock.now += 2
+    await ledger.settler.settle_due()
+    assert metrics.cost["trial"] == local_total + Decimal("0.001") * Decimal("1.15")
+    assert metrics.markup["trial"] == Decimal("0.0000021") * Decimal("0.15") + Decimal("0.001") * Decimal("0.15")
+    assert metrics.tokens[("trial", "prompt")] == 10 + 11  # the settled one at OpenRouter's native count
+    assert dict(metrics.audits) == {"differ": 1}

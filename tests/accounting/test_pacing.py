@@ -71,3 +71,24 @@ def test_busy_without_traffic_is_not_saturated() -> None:
     clocks.wall, clocks.cpu = 1.5, 1.4  # still busy, but no request for 1.4 s: the background work itself
     meter.sample()
     assert meter.share > 0.9 and not pacer.saturated()
+
+
+@pytest.mark.anyio
+async def test_a_saturated_process_runs_a_backlog_over_the_bound_at_full_speed() -> None:
+    """Deferred work stays bounded: past `max_backlog` waiting, the floor no longer applies."""
+    clocks = Clocks()
+    meter = CpuMeter(cpu_clock=lambda: clocks.cpu, wall_clock=lambda: clocks.wall)
+    clocks.wall, clocks.cpu = 1.0, 0.95
+    meter.sample()
+
+    async def sleep(seconds: float) -> None:
+        clocks.wall += seconds
+
+    pacer = Pacer(meter, busy_share=0.6, floor_per_s=10, max_backlog=100, clock=lambda: clocks.wall, sleep=sleep)
+    start = clocks.wall
+    for _ in range(50):
+        await pacer.acquire(backlog=101)
+    assert clocks.wall == start and pacer.throttled == 0
+    for _ in range(3):
+        await pacer.acquire(backlog=100)  # back within the bound: the floor rate again
+    assert clocks.wall - start == pytest.approx(0.2)

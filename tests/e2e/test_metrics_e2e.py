@@ -4,14 +4,13 @@ parsed with prometheus_client's own parser.
 
 from __future__ import annotations
 
-import time
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import Emulator, start_gateway
+from tests.conftest import Emulator, start_gateway, wait_for
 
 CHAT = {"model": "openai/gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5}
 FAMILIES = {
@@ -51,10 +50,9 @@ def test_every_family_is_fed_by_traffic(emulator: Emulator, tmp_path: Path) -> N
         other = gateway.create_user(tier="trial", key=emulator.new_key())
         with gateway.client(other["token"]) as client:
             failed = client.post("/v1/chat/completions", json=CHAT)
-        deadline = time.monotonic() + 20
-        while gateway.admin.get("/admin/v1/usage").json()["totals"]["requests"] < 3:
-            assert time.monotonic() < deadline
-            time.sleep(0.1)
+        # the cost families count each generation at its final figure: once its look-up has settled
+        wait_for(lambda: (totals := gateway.admin.get("/admin/v1/usage").json()["totals"])["requests"] >= 3
+                 and totals["unsettled_requests"] == 0, "every generation recorded and settled", timeout=20)
         ledger = gateway.admin.get("/admin/v1/usage?group_by=tier").json()
         series = scrape(gateway.url)
     finally:

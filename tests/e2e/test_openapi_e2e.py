@@ -57,6 +57,35 @@ def test_the_description_is_valid_openapi_31_of_the_served_routes(spec: dict[str
         "properties"]["stream"] == {"type": "boolean"}
 
 
+def test_bodies_and_queries_are_the_ones_the_handlers_validate_with(spec: dict[str, Any]) -> None:
+    paths = spec["paths"]
+    new_user = paths["/admin/v1/users"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert new_user["additionalProperties"] is False and set(new_user["properties"]) == {"id", "email", "tier"}
+    stop = paths["/admin/v1/emergency-stop"]["put"]["requestBody"]["content"]["application/json"]["schema"]
+    assert stop["required"] == ["enabled"] and stop["properties"]["reason"]["maxLength"] == 500
+    settings = paths["/v1/settings"]["put"]["requestBody"]["content"]["application/json"]["schema"]
+    assert set(settings["properties"]) == {"default_model", "fallback_models", "temperature", "max_tokens",
+                                           "fallback_enabled"}
+    listing = {p["name"]: p["schema"] for p in paths["/admin/v1/users"]["get"]["parameters"]}
+    assert listing["limit"] == {"type": "integer", "minimum": 1, "maximum": 500, "default": 50}
+    usage = {p["name"]: p["schema"] for p in paths["/admin/v1/usage"]["get"]["parameters"]}
+    assert usage["group_by"]["enum"] == ["user", "model", "tier", "day"] and "user_id" in usage
+    assert "requestBody" not in paths["/admin/v1/tokens/{token_id}/rotate"]["post"]  # the path is the action
+
+
+def test_a_body_outside_its_schema_is_refused_in_the_documented_words(live: tuple[GatewayProcess, str]) -> None:
+    gateway, _ = live
+    response = gateway.admin.post("/admin/v1/users", json={"tier": "enterprise", "colour": "red"})
+    assert response.status_code == 400
+    assert response.json()["error"]["message"] == "Unknown field 'colour'; allowed fields are: email, id, tier."
+    assert response.json()["error"]["param"] == "colour"
+    response = gateway.admin.put("/admin/v1/emergency-stop", json={"enabled": "yes"})
+    assert response.status_code == 400 and response.json()["error"]["param"] == "enabled"
+    assert response.json()["error"]["message"] == "Field 'enabled' must be a boolean, got str."
+    response = gateway.admin.get("/admin/v1/audit", params={"cursor": "\u00b3"})  # str.isdigit(), yet no int
+    assert response.status_code == 400 and response.json()["error"]["param"] == "cursor"
+
+
 def test_generated_requests_get_no_internal_error(spec: dict[str, Any], live: tuple[GatewayProcess, str],
                                                   tmp_path: Path) -> None:
     """Each example draws one schemathesis case per operation and sends it to the live gateway."""
