@@ -278,7 +278,7 @@ class Bench:
         `accounting.generation_lookup.policy` refuses the key at start-up, granian may be missing
         something. The product's default (`gateway serve`, policy all) must start."""
         try:
-            return start_gateway(upstream, "aiohttp", tmp, self.cpu(FRONT_CPU), name=target, **how)
+            return start_gateway(upstream, None, tmp, self.cpu(FRONT_CPU), name=target, **how)
         except RuntimeError as exc:
             if target == report.GATEWAY:
                 raise
@@ -370,7 +370,7 @@ class Bench:
         for workers in (1, 2):
             target = f"gateway-workers-{workers}"
             with tempfile.TemporaryDirectory(prefix=f"bench-{target}-") as tmp:
-                gateway, token = start_gateway(upstream, "aiohttp", Path(tmp), self.cpu(FRONT_CPU), workers=workers,
+                gateway, token = start_gateway(upstream, None, Path(tmp), self.cpu(FRONT_CPU), workers=workers,
                                                name=target)
                 try:
                     url = gateway.url + "/v1" + load.CHAT_PATH
@@ -408,8 +408,8 @@ class Bench:
                 tempfile.TemporaryDirectory(prefix="bench-without-") as without_dir:
             servers: dict[str, tuple[Server, str]] = {}
             try:
-                servers["with"] = start_gateway(upstream, "aiohttp", Path(with_dir), self.cpu(FRONT_CPU))
-                servers["without"] = start_gateway(upstream, "aiohttp", Path(without_dir), self.cpu(FRONT_CPU),
+                servers["with"] = start_gateway(upstream, None, Path(with_dir), self.cpu(FRONT_CPU))
+                servers["without"] = start_gateway(upstream, None, Path(without_dir), self.cpu(FRONT_CPU),
                                                    without=service)
                 body = load.request_body(stream=False).decode()
                 for side, (server, token) in servers.items():

@@ -174,11 +174,12 @@ def bench_tier() -> dict[str, Any]:
             "tokens_per_hour": 1_000_000_000_000, "max_concurrent": 100_000}
 
 
-def start_gateway(upstream: Server, client: str, tmp: Path, cpu: int | None, without: str | None = None, *,
+def start_gateway(upstream: Server, client: str | None, tmp: Path, cpu: int | None, without: str | None = None, *,
                   policy: str | None = None, server: str = "uvicorn", workers: int = 1,
                   name: str | None = None) -> tuple[Server, str]:
     """A gateway in its default shape (auth, limits, accounting) plus a user with a key; returns its token.
 
+    `client` names `upstream.client` (None: the product's default).
     `without` names a service to leave out (`bench/variant.py`), to price it; `policy` sets
     `accounting.generation_lookup.policy` (`missing`: look up only what the response left unpriced,
     plus an audit of 1%); `server` is `uvicorn` (`gateway serve`, `--workers N`) or `granian`
@@ -190,11 +191,13 @@ def start_gateway(upstream: Server, client: str, tmp: Path, cpu: int | None, wit
         "database": {"url": f"sqlite:///{tmp}/gateway.db"},
         "security": {"master_key_file": str(tmp / "master.key"), "admin_token_file": str(tmp / "admin.sha256")},
         # pool_size above the 1,000 concurrent streams, or they would queue for a connection
-        "upstream": {"base_url": upstream.url + "/api/v1", "client": client, "pool_size": 1100},
+        "upstream": {"base_url": upstream.url + "/api/v1", "pool_size": 1100},
         "logging": {"access_log": False, "level": "warning"},
         "tiers": {"bench": bench_tier()},
         "default_tier": "bench",
     }
+    if client is not None:  # else the product's default upstream client
+        config["upstream"]["client"] = client
     if policy is not None:
         config["accounting"] = {"generation_lookup": {"policy": policy, "audit_fraction": 0.01}}
     config_file = tmp / "gateway.yaml"
@@ -212,7 +215,7 @@ def start_gateway(upstream: Server, client: str, tmp: Path, cpu: int | None, wit
     else:
         command = [sys.executable, "-m", "gateway", "--config", str(config_file), "serve", "--port", str(port),
                    "--workers", str(workers)]
-    name = name or f"gateway-{client}" + (f"-without-{without}" if without else "")
+    name = name or "gateway" + (f"-{client}" if client else "") + (f"-without-{without}" if without else "")
     process = Server(name, command, port=port, health="/health", cpu=cpu, cwd=tmp, env=env)
     try:
         return process, _create_user(process.url)
