@@ -71,9 +71,12 @@ def wait_until_settled(read: Callable[[], float | None], timeout_s: float, *, in
         sleep(interval_s)
 
 
+MIN_SAMPLES = 9  # three a third at least: a shorter run (the quick one) is too short to tell
+
+
 def bounded(during: list[float]) -> bool | None:
-    """BOUNDED_RULE over the samples taken during the load (one a second); None with fewer than 3."""
-    if len(during) < 3:
+    """BOUNDED_RULE over the samples taken during the load (one a second); None with fewer than MIN_SAMPLES."""
+    if len(during) < MIN_SAMPLES:
         return None
     cut = len(during) * 2 // 3
     return max(during[cut:]) <= max(during[:cut]) * 1.1 + 100
