@@ -12,12 +12,20 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import socket
 from urllib.parse import urlsplit
 
 import httptools
 import orjson
 
 HEALTH = orjson.dumps({"status": "ok", "loop": "uvloop", "server": "relay"})
+
+
+def nodelay(transport: asyncio.Transport) -> None:
+    """Small writes (a stream's chunks) leave at once instead of waiting for the last one's ACK."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 class Upstream(asyncio.Protocol):
@@ -27,15 +35,25 @@ class Upstream(asyncio.Protocol):
         self.pool, self.client, self.transport = pool, None, None
         self.parser = httptools.HttpResponseParser(self)
         self.chunked = False
+        self.out: list[bytes] = []
+        self.done: Client | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         self.transport = transport
+        nodelay(transport)
 
     def data_received(self, data: bytes) -> None:
+        """Whatever one read brings (head, chunks, end) goes to the client in one write."""
+        client, self.out = self.client, []
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError:
             self.transport.close()
+        if self.out and client is not None:
+            client.transport.write(b"".join(self.out))
+        if self.done is not None:
+            done, self.done = self.done, None
+            done.done()
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self.headers.append((name.lower(), value))
@@ -51,20 +69,19 @@ class Upstream(asyncio.Protocol):
         self.chunked = not any(n == b"content-length" for n, _ in self.headers)
         if self.chunked:
             head.append(b"transfer-encoding: chunked\r\n")
-        self.client.transport.write(b"".join(head) + b"\r\n")
+        self.out.append(b"".join(head) + b"\r\n")
 
     def on_body(self, body: bytes) -> None:
-        self.client.transport.write(b"%x\r\n%s\r\n" % (len(body), body) if self.chunked else body)
+        self.out.append(b"%x\r\n%s\r\n" % (len(body), body) if self.chunked else body)
 
     def on_message_complete(self) -> None:
         if self.chunked:
-            self.client.transport.write(b"0\r\n\r\n")
-        client, self.client = self.client, None
+            self.out.append(b"0\r\n\r\n")
+        self.done, self.client = self.client, None  # the client reads its next request after this write
         if self.parser.should_keep_alive():
             self.pool.append(self)
         else:
             self.transport.close()
-        client.done()
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self in self.pool:
@@ -82,6 +99,7 @@ class Client(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         self.transport = transport
+        nodelay(transport)
 
     def data_received(self, data: bytes) -> None:
         try:
