@@ -75,16 +75,17 @@ async def top_users(request: Request) -> Response:
 
 
 async def overview(request: Request) -> Response:
-    """This instance's live state: streams, queues, the stop; users with low credits; recent problems."""
+    """The live state of every worker: streams, queues, the stop; users with low credits; recent problems."""
     gateway = _admin(request)
     low = gateway.config.accounting.low_balance_usd
-    recent = [{**event, "at": iso(event["at"])} for event in reversed(gateway.metrics.recent)]
+    gauges, events = await gateway.metrics.live()  # this worker's figures and the others' latest
+    recent = [{**event, "at": iso(event["at"])} for event in events]
     return json_response({
         "object": "overview",
         "now": iso(gateway.clock()),
-        "streams_in_flight": len(gateway.streams),
-        "settlements_pending": gateway.ledger.settler.pending,
-        "usage_queue_depth": gateway.ledger.backlog,
+        "streams_in_flight": int(gauges.get("gateway_streams_in_flight", len(gateway.streams))),
+        "settlements_pending": int(gauges.get("gateway_settlements_pending", gateway.ledger.settler.pending)),
+        "usage_queue_depth": int(gauges.get("gateway_usage_queue_depth", gateway.ledger.backlog)),
         "emergency_stop": {"enabled": gateway.stop.enabled, "reason": gateway.stop.reason},
         "low_balance_usd": low,
         "low_credit_users": await gateway.store.account.low_balances(low),

@@ -158,11 +158,24 @@ class Metrics:
             "gateway_overhead_seconds": [[[], self.overhead.counts, self.overhead.total, self.overhead.count]],
         }
         gauges = {name: read() for name, read in self.gauges.items()}
-        return {"counters": counters, "histograms": histograms, "gauges": gauges}
+        return {"counters": counters, "histograms": histograms, "gauges": gauges, "recent": list(self.recent)}
 
     def render(self, others: Iterable[dict[str, Any]] = ()) -> str:
         """This process's figures, plus those of `others` (other workers' snapshots), summed."""
         return render_snapshots([self.snapshot(), *others])
+
+    async def live(self) -> tuple[dict[str, float], list[dict[str, Any]]]:
+        """The gauges combined over every worker (as `GAUGES` says) and the recent problems of all of them,
+        newest first (at most `RECENT_PROBLEMS`): what the dashboard's overview shows."""
+        others = await asyncio.to_thread(self._peers.snapshots) if self._peers is not None else []
+        snaps = [self.snapshot(), *others]
+        values: dict[str, list[float]] = {}
+        for snap in snaps:
+            for name, value in snap["gauges"].items():
+                values.setdefault(name, []).append(value)
+        gauges = {name: GAUGES.get(name, sum)(v) for name, v in values.items()}
+        recent = sorted((e for snap in snaps for e in snap.get("recent", ())), key=lambda e: e["at"], reverse=True)
+        return gauges, recent[:RECENT_PROBLEMS]
 
     async def scrape(self) -> str:
         """What `GET /metrics` answers: this process's live figures plus the other workers' latest
@@ -229,7 +242,8 @@ def is_snapshot(data: Any) -> bool:
                     for name, series in counters.items())
                 and all(_histogram_series(HISTOGRAMS[name], series) for name, series in histograms.items())
                 and all(isinstance(name, str) and name.isidentifier() and _finite(value)
-                        for name, value in gauges.items()))
+                        for name, value in gauges.items())
+                and _recent(data.get("recent", [])))
     except (KeyError, TypeError, ValueError, AttributeError):
         return False
 
@@ -257,6 +271,14 @@ def _histogram_series(label_names: tuple[str, ...], series: Any) -> bool:
 
 def _label_values(label_names: tuple[str, ...], labels: Any) -> bool:
     return isinstance(labels, list) and len(labels) == len(label_names) and all(isinstance(v, str) for v in labels)
+
+
+def _recent(events: Any) -> bool:
+    """Recent problems as `observe_refusal` / `observe_upstream_error` write them (bounded, plain values)."""
+    return isinstance(events, list) and len(events) <= RECENT_PROBLEMS and all(
+        isinstance(e, dict) and _finite(e.get("at")) and e.get("what") in ("refusal", "upstream_error")
+        and all(isinstance(k, str) and (v is None or isinstance(v, (str, int, float))) for k, v in e.items())
+        for e in events)
 
 
 def _whole(value: Any) -> bool:

@@ -317,7 +317,8 @@ class H1Transport:
         context = None
         if scheme == "https":
             if self._ssl is None:
-                self._ssl = ssl.create_default_context()
+                self._ssl = ssl.create_default_context()  # the system's CAs; hostnames checked
+                self._ssl.set_alpn_protocols(["http/1.1"])
             context = self._ssl
         try:
             async with asyncio.timeout(self._connect_timeout_s):

@@ -156,3 +156,26 @@ def test_only_the_shape_a_snapshot_has_is_taken_for_one() -> None:
     ]
     for data in broken:
         assert not is_snapshot(data), data
+
+
+@pytest.mark.anyio
+async def test_the_live_view_combines_every_workers_gauges_and_recent_problems() -> None:
+    other = Metrics()
+    other.gauge("gateway_streams_in_flight", lambda: 2)
+    other.observe_refusal("daily_budget", 20.0, 402, "usr_b", "over budget")
+    other.observe_upstream_error("server_error", 5.0, "502 from /chat/completions")
+
+    class Peers:
+        def snapshots(self) -> list[dict[str, Any]]:
+            return [orjson.loads(orjson.dumps(other.snapshot()))]  # as read back from its file
+
+    mine = Metrics(peers=Peers())
+    mine.gauge("gateway_streams_in_flight", lambda: 3)
+    mine.observe_refusal("requests_per_minute", 10.0, 429, "usr_a", "too many")
+    gauges, recent = await mine.live()
+    assert gauges == {"gateway_streams_in_flight": 5}
+    assert [(e["at"], e["kind"]) for e in recent] == [(20.0, "daily_budget"), (10.0, "requests_per_minute"),
+                                                      (5.0, "server_error")]
+    assert is_snapshot(other.snapshot())
+    damaged = {**other.snapshot(), "recent": [{"at": "soon", "what": "refusal"}]}
+    assert not is_snapshot(damaged)

@@ -113,9 +113,16 @@ def test_one_scrape_reports_the_sum_over_both_workers(emulator: Emulator, tmp_pa
         assert len(served) == 2 and all(served.values()), f"one worker served all {sent} requests: {served}"
 
         usage = wait_for(lambda: (u := gw.admin.get("/admin/v1/usage?group_by=tier").json())["totals"][
-            "requests"] == sent and u, "the ledger to hold every request")
-        text, series = wait_for(lambda: (s := scrape(gw.url)) and chat_requests(s[1]) == sent and s,
-                                f"a scrape summing to {sent} requests")
+            "requests"] == sent and u["totals"]["unsettled_requests"] == 0 and u, "the ledger to hold every request")
+        [starter] = [row for row in usage["rows"] if row["tier"] == "starter"]
+
+        def summed() -> Any:  # the cost families count a generation once it settled: wait for the last one
+            text, series = scrape(gw.url)
+            costs = [line for line in text.splitlines() if line.startswith('gateway_cost_usd_total{tier="starter"} ')]
+            return chat_requests(series) == sent and costs and exact(text, costs[0].split(" ")[0]) == Decimal(
+                str(starter["total_cost"])) and (text, series)
+
+        text, series = wait_for(summed, f"a scrape summing to {sent} requests and their cost")
         assert not gone.exists()  # the earlier run's file of a process that has exited is deleted
 
         # a worker that dies takes its counts out of the sum (a counter reset), and its file goes
@@ -127,7 +134,6 @@ def test_one_scrape_reports_the_sum_over_both_workers(emulator: Emulator, tmp_pa
     finally:
         assert gw.stop() == 0
 
-    [starter] = [row for row in usage["rows"] if row["tier"] == "starter"]
     tokens = series["gateway_tokens_total"]
     assert tokens[(("kind", "prompt"), ("tier", "starter"))] == starter["prompt_tokens"] > 0
     assert tokens[(("kind", "completion"), ("tier", "starter"))] == starter["completion_tokens"] > 0

@@ -298,3 +298,48 @@ async def test_a_large_body_read_whole_is_not_held_back_by_back_pressure(transpo
             await asyncio.sleep(0.01)
         assert await response.read() == body
         await response.close()
+
+
+@pytest.fixture
+def self_signed(tmp_path: Any) -> tuple[Any, Any]:
+    import subprocess
+
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=localhost",
+                    "-keyout", str(key), "-out", str(cert), "-days", "1"], check=True, capture_output=True)
+    return cert, key
+
+
+@pytest.mark.anyio
+async def test_https_is_spoken_over_tls_and_the_certificate_is_checked(self_signed: tuple[Any, Any]) -> None:
+    """A TLS server with a self-signed certificate: refused as unverified (never sent), not talked to."""
+    import ssl
+
+    cert, key = self_signed
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(ok(b"secret"))
+            await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError, ssl.SSLError):
+            pass
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0, ssl=context)
+    port = server.sockets[0].getsockname()[1]
+    transport = H1Transport(pool_size=2, connect_timeout_s=5)
+    try:
+        with pytest.raises(UpstreamConnectionError) as caught:
+            await transport.send("GET", f"https://localhost:{port}/", {}, None)
+        assert caught.value.sent is False and "SSL" in str(caught.value)
+        trusting = ssl.create_default_context(cafile=str(cert))  # the same server, its certificate trusted
+        transport._ssl = trusting
+        response = await transport.send("GET", f"https://localhost:{port}/", {}, None)
+        assert response.status == 200 and await response.read() == b"secret"
+        await response.close()
+    finally:
+        await transport.close()
+        server.close()
