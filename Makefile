@@ -5,6 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TEST_STAMP := $(VENV)/.installed-test
+BENCH_STAMP := $(VENV)/.installed-bench
 # LiteLLM, the optional peer of `make bench-peers`, lives in its own venv, never in $(VENV)
 PEERS_VENV := .venv-peers
 PEERS_STAMP := $(PEERS_VENV)/.installed
@@ -54,7 +55,11 @@ lint: $(TEST_STAMP)
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 
-bench: $(TEST_STAMP)
+# granian (the `bench` extra) is installed beside the test extra; without it the granian target is skipped, noted
+$(BENCH_STAMP): pyproject.toml | $(TEST_STAMP)
+	$(BIN)/pip install --quiet -e '.[test,bench]' && touch $@ || echo "bench: could not install granian; its target will be skipped" >&2
+
+bench: $(TEST_STAMP) $(BENCH_STAMP)
 	$(BIN)/python -m bench
 
 $(PEERS_STAMP):

@@ -196,7 +196,7 @@ def main() -> int:
     args = parser.parse_args()
     upstream = start_upstream(None)
     with tempfile.TemporaryDirectory() as tmp:
-        gateway, token = start_gateway(upstream, "aiohttp", Path(tmp), None)
+        gateway, token = start_gateway(upstream, None, Path(tmp), None)
         try:
             print(f"gateway pid {gateway.process.pid}, idle RSS {gateway.rss_kb() / 1024:.1f} MB")
             big_bodies(gateway, token, args.body_mib * MIB)

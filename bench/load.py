@@ -59,15 +59,41 @@ def process_cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def _cpu_now(pid: int | None) -> float:
-    return process_cpu_s(pid) if pid is not None else 0.0
+def _cpu_now(pids: list[int] | None) -> float:
+    """CPU seconds of the server's processes (its whole tree, listed by the orchestrator)."""
+    total = 0.0
+    for pid in pids or ():
+        try:
+            total += process_cpu_s(pid)
+        except OSError:  # a worker that exited meanwhile
+            pass
+    return total
+
+
+def settle_first(metrics_url: str | None, timeout_s: float = 120, consecutive: int = 3) -> None:
+    """Before a measured run: wait until the server's deferred work (from the warm-up) is done, so the
+    run's CPU counts its own requests' settlement and no one else's."""
+    if not metrics_url:
+        return
+    import urllib.request
+
+    from bench.backlog import deferred_from, wait_until_settled
+
+    def read() -> float | None:
+        try:
+            with urllib.request.urlopen(metrics_url, timeout=10) as response:
+                return deferred_from(response.read().decode())
+        except OSError:
+            return None
+
+    wait_until_settled(read, timeout_s, consecutive=consecutive)
 
 
 async def python_throughput(url: str, token: str, body: bytes, concurrency: int, duration: float,
-                            warmup: float, cpu_pid: int | None = None) -> dict[str, Any]:
+                            warmup: float, cpu_pids: list[int] | None = None) -> dict[str, Any]:
     """Closed loop: `concurrency` clients send back to back; only requests ending in the window count.
 
-    With `cpu_pid`, also the CPU that process used in the window (`server_cpu_s`)."""
+    With `cpu_pids`, also the CPU those processes used in the window (`server_cpu_s`)."""
     import aiohttp
 
     headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
@@ -84,7 +110,7 @@ async def python_throughput(url: str, token: str, body: bytes, concurrency: int,
                     async with session.post(url, data=body, headers=headers) as response:
                         await response.read()
                         ok = response.status == 200
-                except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+                except (TimeoutError, aiohttp.ClientError, OSError):
                     ok = False
                     await asyncio.sleep(0.01)
                 if window["recording"]:
@@ -96,16 +122,84 @@ async def python_throughput(url: str, token: str, body: bytes, concurrency: int,
         tasks = [asyncio.create_task(client()) for _ in range(concurrency)]
         await asyncio.sleep(warmup)
         window["recording"] = True
-        began, cpu_began = time.perf_counter(), _cpu_now(cpu_pid)
+        began, cpu_began = time.perf_counter(), _cpu_now(cpu_pids)
         await asyncio.sleep(duration)
         window["recording"] = False
-        elapsed, cpu = time.perf_counter() - began, _cpu_now(cpu_pid) - cpu_began
+        elapsed, cpu = time.perf_counter() - began, _cpu_now(cpu_pids) - cpu_began
         window["stop"] = True
         await asyncio.gather(*tasks, return_exceptions=True)
     latencies.sort()
     return {"generator": "python", "requests": len(latencies), "errors": errors, "seconds": round(elapsed, 3),
             "rps": round(len(latencies) / elapsed, 1), "p50_ms": _ms(percentile(latencies, 50)),
-            "p99_ms": _ms(percentile(latencies, 99)), "server_cpu_s": cpu}
+            "p99_ms": _ms(percentile(latencies, 99)), "server_cpu_s": cpu, "server_cpu_start_s": cpu_began}
+
+
+# ---------------------------------------------------------------- paced (open loop)
+
+
+def schedule(rate: float, duration: float) -> list[float]:
+    """When each request is due, in seconds from the start: a fixed rate, whatever the answers do."""
+    return [i / rate for i in range(max(0, round(rate * duration)))]
+
+
+async def paced(url: str, token: str, body: bytes, rate: float, duration: float, warmup: float,
+                cpu_pids: list[int] | None = None, metrics_url: str | None = None,
+                max_in_flight: int = 1024, settle_consecutive: int = 3) -> dict[str, Any]:
+    """Open loop at a fixed offered rate (what wrk2 does): a request is sent when it is due, not when the
+    previous one has come back, and its latency runs from when it was due, so a server that falls behind
+    shows it in the latency instead of slowing the client down. More than `max_in_flight` outstanding:
+    the request is counted as dropped (the server could not keep up with the rate)."""
+    import aiohttp
+
+    headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+    latencies: list[float] = []
+    counts = {"errors": 0, "dropped": 0, "late": 0}
+    in_flight: set[asyncio.Task[None]] = set()
+
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+        async def one(due: float, record: bool) -> None:
+            try:
+                async with session.post(url, data=body, headers=headers) as response:
+                    await response.read()
+                    ok = response.status == 200
+            except (TimeoutError, aiohttp.ClientError, OSError):
+                ok = False
+            if record:
+                if ok:
+                    latencies.append(time.perf_counter() - due)
+                else:
+                    counts["errors"] += 1
+
+        async def run(seconds: float, record: bool) -> float:
+            start = time.perf_counter() + 0.01
+            for offset in schedule(rate, seconds):
+                due = start + offset
+                wait = due - time.perf_counter()
+                if wait > 0:
+                    await asyncio.sleep(wait)
+                elif record and wait < -0.005:
+                    counts["late"] += 1  # the client itself fell behind its schedule by > 5 ms
+                if len(in_flight) >= max_in_flight:
+                    counts["dropped"] += record
+                    continue
+                task = asyncio.create_task(one(due, record))
+                in_flight.add(task)
+                task.add_done_callback(in_flight.discard)
+            await asyncio.gather(*in_flight)
+            return start
+
+        if warmup > 0:
+            await run(warmup, record=False)
+            await asyncio.to_thread(settle_first, metrics_url, 120, settle_consecutive)
+            await asyncio.sleep(1.0)  # with several workers, a scrape may miss the one still busy
+        cpu_began = _cpu_now(cpu_pids)
+        start = await run(duration, record=True)
+        elapsed, cpu = time.perf_counter() - start, _cpu_now(cpu_pids) - cpu_began
+    latencies.sort()
+    return {"generator": "paced", "offered_rps": rate, "requests": len(latencies), **counts,
+            "seconds": round(elapsed, 3), "rps": round(len(latencies) / elapsed, 1),
+            "p50_ms": _ms(percentile(latencies, 50)), "p99_ms": _ms(percentile(latencies, 99)),
+            "server_cpu_s": cpu, "server_cpu_start_s": cpu_began}
 
 
 # ---------------------------------------------------------------- wrk
@@ -131,10 +225,11 @@ def wrk_available() -> bool:
 
 
 def wrk_throughput(url: str, token: str, body: bytes, concurrency: int, duration: float,
-                   warmup: float, cpu_pid: int | None = None) -> dict[str, Any]:
+                   warmup: float, cpu_pids: list[int] | None = None, metrics_url: str | None = None) -> dict[str, Any]:
     """One wrk thread (the servers need the cores more); a separate warm-up run is discarded.
 
-    With `cpu_pid`, also the CPU that process used during the measured run (`server_cpu_s`)."""
+    With `cpu_pids`, also the CPU those processes used during the measured run (`server_cpu_s`);
+    with `metrics_url`, the warm-up's deferred work is waited for before the measured run."""
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
         script.write(_WRK_SCRIPT % {"body": body.decode(), "token": token})
     try:
@@ -149,16 +244,17 @@ def wrk_throughput(url: str, token: str, body: bytes, concurrency: int, duration
 
         if warmup > 0:
             run(warmup)
-        cpu_began = _cpu_now(cpu_pid)
+            settle_first(metrics_url)
+        cpu_began = _cpu_now(cpu_pids)
         result = run(duration)
-        cpu = _cpu_now(cpu_pid) - cpu_began
+        cpu = _cpu_now(cpu_pids) - cpu_began
     finally:
         os.unlink(script.name)
     seconds = result["duration_us"] / 1e6
     ok = result["requests"] - result["errors"]
     return {"generator": "wrk", "requests": ok, "errors": result["errors"], "seconds": round(seconds, 3),
             "rps": round(ok / seconds, 1), "p50_ms": result["p50_us"] / 1000, "p99_ms": result["p99_us"] / 1000,
-            "server_cpu_s": cpu}
+            "server_cpu_s": cpu, "server_cpu_start_s": cpu_began}
 
 
 # ---------------------------------------------------------------- streams
@@ -197,7 +293,7 @@ async def python_streams(url: str, token: str, *, concurrency: int, chunks: int,
                     async for part in response.content.iter_any():
                         parts.append(part)
                     status = response.status
-            except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+            except (TimeoutError, aiohttp.ClientError, OSError) as exc:
                 if state["recording"]:
                     failures.append(f"{stream_seed}: {type(exc).__name__}")
                 await asyncio.sleep(0.01)
@@ -259,7 +355,7 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
     kind = spec["kind"]
     if kind == "wrk":
         return wrk_throughput(spec["url"], spec["token"], spec["body"].encode(), spec["concurrency"],
-                              spec["duration"], spec["warmup"], spec.get("cpu_pid"))
+                              spec["duration"], spec["warmup"], spec.get("cpu_pids"), spec.get("metrics_url"))
     try:
         import uvloop
 
@@ -269,7 +365,11 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
     if kind == "python":
         return asyncio.run(python_throughput(spec["url"], spec["token"], spec["body"].encode(),
                                              spec["concurrency"], spec["duration"], spec["warmup"],
-                                             spec.get("cpu_pid")))
+                                             spec.get("cpu_pids")))
+    if kind == "paced":
+        return asyncio.run(paced(spec["url"], spec["token"], spec["body"].encode(), spec["rate"], spec["duration"],
+                                 spec["warmup"], spec.get("cpu_pids"), spec.get("metrics_url"),
+                                 settle_consecutive=spec.get("settle_consecutive", 3)))
     if kind == "streams":
         return asyncio.run(python_streams(
             spec["url"], spec["token"], concurrency=spec["concurrency"], chunks=spec["chunks"], seed=spec["seed"],

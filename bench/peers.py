@@ -49,7 +49,7 @@ PEERS_VENV = ROOT / ".venv-peers"
 RESULTS = Path(__file__).resolve().parent / "results" / "peers.json"
 LITELLM_MASTER_KEY = "sk-litellm-bench-" + "0" * 32  # LiteLLM refuses to start without one
 TARGET_RATIO = 25.0
-GATEWAY, LITELLM, DIRECT = "gateway-aiohttp", "litellm", "direct"
+GATEWAY, LITELLM, DIRECT = "gateway", "litellm", "direct"
 # Offline and quiet: bundled cost map (else it retries a download at import), no docs, no .env loading.
 LITELLM_ENV = {"LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_LOG": "ERROR", "NO_DOCS": "True",
                "NO_REDOC": "True", "LITELLM_MODE": "PRODUCTION", "LITELLM_TELEMETRY": "False",
@@ -152,7 +152,7 @@ def run(bench: Bench) -> dict[str, int]:
         with tempfile.TemporaryDirectory(prefix="bench-peers-") as tmp:
             for name in (GATEWAY, LITELLM):
                 if name == GATEWAY:
-                    server, token = start_gateway(upstream, "aiohttp", Path(tmp) / "gateway", bench.cpu(FRONT_CPU))
+                    server, token = start_gateway(upstream, None, Path(tmp) / "gateway", bench.cpu(FRONT_CPU))
                 else:
                     server, token = start_litellm(upstream, Path(tmp), bench.cpu(FRONT_CPU)), LITELLM_MASTER_KEY
                 try:

@@ -242,8 +242,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description="Fast deterministic fake OpenRouter for `make bench`.")
     parser.add_argument("--port", type=int, required=True)
     args = parser.parse_args()
+    # keep-alive longer than the pauses between runs (uvicorn's default is 5 s): a proxy reusing a pooled
+    # connection the upstream has just closed answers 500, which is the bench's doing, not the proxy's
     uvicorn.run(FakeUpstream(), host="127.0.0.1", port=args.port, loop="uvloop", http="httptools",
-                log_level="warning", access_log=False, lifespan="on")
+                log_level="warning", access_log=False, lifespan="on", timeout_keep_alive=120)
 
 
 if __name__ == "__main__":

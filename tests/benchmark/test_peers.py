@@ -33,11 +33,11 @@ def test_litellm_config_routes_the_bench_model_to_the_fake_upstream_standalone()
 
 
 def test_summarise_ratio_status_and_added_latency() -> None:
-    rows = [row("direct", 1, 5000, 0.2), row("direct", 32, 20000, 1.5), row("gateway-aiohttp", 1, 2000, 0.5),
-            row("gateway-aiohttp", 32, 6000, 5.0), row("litellm", 1, 60, 16.2), row("litellm", 32, 60, 500.0)]
-    results = summarise(rows, {"gateway-aiohttp": 60 * 1024, "litellm": 342 * 1024})
+    rows = [row("direct", 1, 5000, 0.2), row("direct", 32, 20000, 1.5), row("gateway", 1, 2000, 0.5),
+            row("gateway", 32, 6000, 5.0), row("litellm", 1, 60, 16.2), row("litellm", 32, 60, 500.0)]
+    results = summarise(rows, {"gateway": 60 * 1024, "litellm": 342 * 1024})
     assert results["ratio_c32"] == 100.0 and results["status"] == "PASS"
-    assert results["added_p50_ms_c1"] == {"gateway-aiohttp": 0.3, "litellm": 16.0}
+    assert results["added_p50_ms_c1"] == {"gateway": 0.3, "litellm": 16.0}
     assert "PASS (100x)" in render(results) and "342 MB" in render(results)
     rows[-1] = row("litellm", 32, 1000, 30.0)
     assert summarise(rows, {})["status"] == "FAIL"
