@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import sys
 
 from starlette.requests import Request
 from starlette.responses import Response
@@ -14,9 +15,10 @@ from gateway.upstream.client import UpstreamConnectionError
 
 
 async def health(request: Request) -> Response:
-    """Alive; with the event loop it runs on (the bench reports it per target)."""
+    """Alive; with the server and the event loop it runs on (the bench reports them per target)."""
     loop = type(asyncio.get_running_loop()).__module__.split(".")[0]
-    return json_response({"status": "ok", "loop": "uvloop" if loop == "uvloop" else "asyncio"})
+    return json_response({"status": "ok", "server": "granian" if "granian" in sys.modules else "uvicorn",
+                          "loop": "uvloop" if loop == "uvloop" else "asyncio"})
 
 
 async def ready(request: Request) -> Response:

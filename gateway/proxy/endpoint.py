@@ -57,6 +57,8 @@ from gateway.upstream.client import (
 )
 
 log = logging.getLogger("gateway.proxy.endpoint")
+# A request still waiting on the upstream after this long gets a task watching for its client leaving
+WATCH_AFTER_S = 0.05
 
 
 # Request headers a client may pass on to OpenRouter; everything else (its platform token
@@ -247,19 +249,20 @@ class ProxyEndpoint:
         ticket get the same charge (the ticket lets go with None when nothing was generated).
 
         Bounded: the whole request by `request_timeout_s`, the gaps of a stream by `stream_idle_timeout_s`.
-        A client that leaves closes the upstream call at once; one watcher task per request is how ASGI
-        tells of it. A generation the upstream may bill is recorded whenever its id is known."""
+        A client that leaves closes the upstream call at once (`_Departure`: ASGI tells of it only through
+        `receive()`, watched by a task once the wait lasts). A generation the upstream may bill is recorded
+        whenever its id is known."""
         assert principal.key is not None
         observation = Observation()
         charge: Charge | None = None
         deadline = asyncio.get_running_loop().time() + self.request_timeout_s
-        watcher = asyncio.create_task(_wait_disconnect(receive))
+        departure = _Departure(receive)
         response: UpstreamResponse | None = None
         metrics = self.metrics
         sent = self.clock()
         try:
             try:
-                with _leaving_cancels(watcher):
+                with departure.cancelling():
                     async with asyncio.timeout_at(deadline):
                         response = await self.upstream.open(
                             "POST", self.endpoint, key=principal.key.secret, body=request.raw,
@@ -277,7 +280,7 @@ class ProxyEndpoint:
             except (UpstreamConnectionError, TimeoutError, asyncio.CancelledError) as exc:
                 if isinstance(exc, UpstreamConnectionError):
                     metrics.observe_upstream_error("broken" if request.status else "connection", sent, str(exc))
-                error = self._ended_early(exc, watcher, request, observation)
+                error = self._ended_early(exc, departure, request, observation)
                 if error is not None:
                     await send_error(send, error, request.request_id)
                 return
@@ -285,13 +288,12 @@ class ProxyEndpoint:
             out_headers.extend((name.encode("latin-1"), value.encode("latin-1"))
                                for name, value in response.headers if name not in DROPPED_RESPONSE_HEADERS)
             if raw is None:
-                await self._pass_stream(send, principal, request, response, out_headers, observation, watcher,
+                await self._pass_stream(send, principal, request, response, out_headers, observation, departure,
                                         deadline)
             else:
                 await self._pass_body(send, request, response, raw, out_headers, observation)
         finally:
-            if not watcher.done():
-                watcher.cancel()
+            departure.close()
             if response is not None:
                 await response.close()
             request.ended = self.clock()
@@ -302,7 +304,7 @@ class ProxyEndpoint:
                 metrics.observe_proxy(request.first_byte - sent, (sent - request.started) + (self.clock() - request.ended))
             ticket.release(charge)
 
-    def _ended_early(self, exc: BaseException, watcher: asyncio.Task[None], request: ProxyRequest,
+    def _ended_early(self, exc: BaseException, departure: "_Departure", request: ProxyRequest,
                      observation: Observation) -> GatewayError | None:
         """Before a byte reached the client: the error to answer with (None when the client has left)."""
         if isinstance(exc, UpstreamConnectionError):
@@ -312,7 +314,7 @@ class ProxyEndpoint:
                                    "(server.request_timeout_s)." + MAY_HAVE_RUN)
         else:  # cancelled: the client left, or the server's shutdown grace ran out
             _uncancel()
-            if watcher.done():
+            if departure.gone:
                 request.cancelled = True
                 return None
             error = ServiceUnavailable("The gateway is shutting down." + MAY_HAVE_RUN, headers={"retry-after": "1"})
@@ -348,7 +350,7 @@ class ProxyEndpoint:
         response: UpstreamResponse,
         headers: list[tuple[bytes, bytes]],
         observation: Observation,
-        watcher: asyncio.Task[None],
+        departure: "_Departure",
         deadline: float,
     ) -> None:
         """Write each chunk as it arrives. A client that goes away closes the upstream at once; a stream the
@@ -358,6 +360,7 @@ class ProxyEndpoint:
         self.streams[stream_id] = StreamInFlight(principal.user_id, request.model, request.started, observation)
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         pump = _Pump(send, response, observer, self.metrics)
+        watcher = departure.watch()  # a stream is watched for its whole length
         pumping = asyncio.create_task(pump.run())
         cut: tuple[int, str, str] | None = None
         client_left = False
@@ -457,24 +460,57 @@ async def _wait_disconnect(receive: Receive) -> None:
         pass
 
 
-@contextlib.contextmanager
-def _leaving_cancels(watcher: asyncio.Task[None]) -> Iterator[None]:
-    """While inside, the client leaving (the watcher ending) cancels the current task: the upstream call it
-    awaits is closed at once."""
-    task = asyncio.current_task()
-    assert task is not None
-    active = True
+class _Departure:
+    """Whether the client has left, and, while the request waits on the upstream, cancelling its task when
+    it does, so the upstream call it awaits is closed at once.
 
-    def cancel(_: object) -> None:
-        if active and not watcher.cancelled():
-            task.cancel()
+    ASGI tells of a departure only through `receive()`, so a task must await it; most answers come
+    sooner than `WATCH_AFTER_S`, and for those no task is ever made: only a timer, cancelled with
+    the answer. A client that leaves earlier is noticed when the watch starts (its `receive()`
+    answers at once)."""
 
-    watcher.add_done_callback(cancel)
-    try:
-        yield
-    finally:
-        active = False
-        watcher.remove_done_callback(cancel)
+    __slots__ = ("_receive", "_task", "_timer", "_cancels", "watcher")
+
+    def __init__(self, receive: Receive) -> None:
+        self._receive = receive
+        self._task = asyncio.current_task()
+        self._cancels = False
+        self.watcher: asyncio.Task[None] | None = None
+        self._timer: asyncio.TimerHandle | None = asyncio.get_running_loop().call_later(WATCH_AFTER_S, self.watch)
+
+    def watch(self) -> asyncio.Task[None]:
+        """The watcher, started now if it is not yet."""
+        if self.watcher is None:
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+            self.watcher = asyncio.ensure_future(_wait_disconnect(self._receive))
+            self.watcher.add_done_callback(self._left)
+        return self.watcher
+
+    def _left(self, watcher: "asyncio.Task[None]") -> None:
+        if self._cancels and not watcher.cancelled() and self._task is not None:
+            self._task.cancel()
+
+    @property
+    def gone(self) -> bool:
+        return self.watcher is not None and self.watcher.done() and not self.watcher.cancelled()
+
+    @contextlib.contextmanager
+    def cancelling(self) -> Iterator[None]:
+        """Inside, the client leaving cancels the request's task."""
+        self._cancels = True
+        try:
+            yield
+        finally:
+            self._cancels = False
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self.watcher is not None and not self.watcher.done():
+            self.watcher.cancel()
 
 
 def _uncancel() -> None:

@@ -79,7 +79,7 @@ def served(tmp_path: Path) -> Iterator[tuple[str, str]]:
 def test_the_initialised_gateway_serves_and_accepts_the_printed_admin_token(served: tuple[str, str]) -> None:
     url, token = served
     # `gateway serve` with one worker runs on uvloop (uvicorn's own loop option does not reach Server.serve())
-    assert httpx.get(url + "/health").json() == {"status": "ok", "loop": "uvloop"}
+    assert httpx.get(url + "/health").json() == {"status": "ok", "server": "uvicorn", "loop": "uvloop"}
     assert httpx.get(url + "/admin/v1/users", headers={"Authorization": f"Bearer {token}"}).status_code == 200
     assert httpx.get(url + "/admin/v1/users", headers={"Authorization": "Bearer gwadmin-guess"}).status_code == 401
 
