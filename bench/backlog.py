@@ -8,14 +8,18 @@ functions here (the clock and the reader are passed in), so they are unit-tested
 
 from __future__ import annotations
 
+import statistics
+
 import time
 from typing import Callable
 
 DEFERRED = ("gateway_settlements_pending", "gateway_usage_queue_depth")
 # with several workers each scrape reaches one of them: zero must be seen this many times in a row
 CONSECUTIVE_ZERO = 3
-BOUNDED_RULE = ("bounded = the peak over the last third of the load is at most 10% (plus 100) above the "
-                "peak over its first two thirds, i.e. the backlog has stopped growing")
+BOUNDED_RULE = ("bounded = the median of the samples over the last third of the load is at most 20% (plus 200) "
+                "above their median over its middle third: the backlog has stopped growing (a backlog the "
+                "gateway cannot keep up with climbs by the shortfall every second; medians, because a "
+                "bounded one still swings by a flush or a burst of due look-ups from one second to the next)")
 
 
 def parse_metrics(text: str) -> dict[str, float]:
@@ -78,8 +82,9 @@ def bounded(during: list[float]) -> bool | None:
     """BOUNDED_RULE over the samples taken during the load (one a second); None with fewer than MIN_SAMPLES."""
     if len(during) < MIN_SAMPLES:
         return None
-    cut = len(during) * 2 // 3
-    return max(during[cut:]) <= max(during[:cut]) * 1.1 + 100
+    third = len(during) // 3
+    middle, last = during[third:2 * third], during[2 * third:]
+    return statistics.median(last) <= statistics.median(middle) * 1.2 + 200
 
 
 def sustained_summary(during: list[float], after: list[float], interval_s: float,
