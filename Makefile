@@ -51,7 +51,7 @@ soak: $(TEST_STAMP)
 
 # ruff, mypy and the import-linter contracts in pyproject.toml (imports flow one way; the emulator stands alone)
 lint: $(TEST_STAMP)
-	$(BIN)/ruff check gateway openrouter_emulator
+	$(BIN)/ruff check gateway openrouter_emulator tests bench
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 

@@ -9,7 +9,6 @@ functions here (the clock and the reader are passed in), so they are unit-tested
 from __future__ import annotations
 
 import statistics
-
 import time
 from typing import Callable
 

@@ -1,13 +1,13 @@
 """`iso` is on the hot path (usage records): its fast path must format exactly as datetime does."""
 
 import random
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from gateway.core.clock import iso, parse_iso
 
 
 def _reference(ts: float) -> str:
-    return datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def test_iso_matches_datetime_to_the_microsecond() -> None:

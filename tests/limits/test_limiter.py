@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import copy
 import random
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any, AsyncIterator
 
@@ -35,7 +35,7 @@ from tests.conftest import FakeClock, redis_url_or_skip
 from tests.conftest import principal as shared_principal
 
 # 2025-03-10 is a Monday; 12:00:30 UTC leaves room before every boundary the tests cross on purpose.
-T0 = datetime(2025, 3, 10, 12, 0, 30, tzinfo=timezone.utc).timestamp()
+T0 = datetime(2025, 3, 10, 12, 0, 30, tzinfo=UTC).timestamp()
 PAID = "acme/paid"  # $1 per prompt token, $2 per completion token: easy arithmetic
 FREE = "acme/model:free"
 
@@ -254,7 +254,7 @@ async def test_daily_budget_refuses_with_402_until_midnight(counters: Any) -> No
     assert err.status == 402 and err.param == "daily_budget_usd"
     assert "is $10 and $10.5 is used" in err.message and "2025-03-11T00:00:00" in err.message
     assert err.metadata["used"] == "10.5" and err.metadata["limit"] == "daily_budget_usd"
-    clock.now = datetime(2025, 3, 11, tzinfo=timezone.utc).timestamp()
+    clock.now = datetime(2025, 3, 11, tzinfo=UTC).timestamp()
     (await limiter.admit(p, request(max_tokens=2))).release(None)
 
 
@@ -266,7 +266,7 @@ async def test_monthly_budget_resets_on_the_first(counters: Any) -> None:
     with pytest.raises(PaymentRequired) as refused:
         await limiter.admit(p, request(max_tokens=0))
     assert "2025-04-01T00:00:00" in refused.value.message
-    clock.now = datetime(2025, 3, 31, 23, 59, tzinfo=timezone.utc).timestamp()
+    clock.now = datetime(2025, 3, 31, 23, 59, tzinfo=UTC).timestamp()
     with pytest.raises(PaymentRequired):
         await limiter.admit(p, request(max_tokens=0))
     clock.now += 60
@@ -471,9 +471,9 @@ def test_sliding_window_counts_the_last_span_only() -> None:
 
 
 def test_calendar_periods() -> None:
-    ts = datetime(2024, 12, 31, 23, 0, tzinfo=timezone.utc).timestamp()
-    assert period_end("month", ts) == datetime(2025, 1, 1, tzinfo=timezone.utc)
-    assert period_end("week", ts) == datetime(2025, 1, 6, tzinfo=timezone.utc)  # weeks start on Monday
+    ts = datetime(2024, 12, 31, 23, 0, tzinfo=UTC).timestamp()
+    assert period_end("month", ts) == datetime(2025, 1, 1, tzinfo=UTC)
+    assert period_end("week", ts) == datetime(2025, 1, 6, tzinfo=UTC)  # weeks start on Monday
     assert period_id("month", ts) == "2024-12" and period_id("week", ts) == "2024-12-30"
 
 

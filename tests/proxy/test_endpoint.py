@@ -453,11 +453,11 @@ async def test_unreachable_upstream_is_a_502_without_secrets():
 
 
 @pytest.mark.anyio
-@pytest.mark.parametrize("timeout", [True, False])
-async def test_a_request_that_may_have_reached_the_upstream_is_not_sent_again(timeout):
-    harness = Harness(UpstreamConnectionError("upstream did not answer: X", timeout=timeout), ok())
+@pytest.mark.parametrize("timed_out", [True, False])
+async def test_a_request_that_may_have_reached_the_upstream_is_not_sent_again(timed_out):
+    harness = Harness(UpstreamConnectionError("upstream did not answer: X", timeout=timed_out), ok())
     client = await harness.request()
-    assert client.status == (504 if timeout else 502)
+    assert client.status == (504 if timed_out else 502)
     assert "the generation may still have run" in client.error()["message"]
     assert len(harness.transport.sent) == 1 and harness.sleeps == []
 

@@ -35,7 +35,7 @@ async def _postgres_schema() -> tuple[Any, str, str]:
 
     try:
         conn = await asyncpg.connect(PG_URL, timeout=3)
-    except (OSError, asyncio.TimeoutError, asyncpg.PostgresError) as exc:
+    except (TimeoutError, OSError, asyncpg.PostgresError) as exc:
         reason = f"PostgreSQL unreachable at {PG_URL.split('@')[-1]} ({type(exc).__name__}: {exc}); run `bash .ci/services`"
         if os.environ.get("CI") == "true":
             pytest.fail(f"CI=true and {reason}")
