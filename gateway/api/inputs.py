@@ -417,5 +417,6 @@ def _names(kinds: tuple[str, ...]) -> str:
 
 
 def _number(value: Any) -> Any:
-    return int(value) if isinstance(value, Decimal) and value == value.to_integral_value() else (
-        float(value) if isinstance(value, Decimal) else value)
+    """A schema bound as JSON writes it: a whole Decimal as an int, any other stays Decimal (the API's
+    `dumps` writes it exactly; it never passes through float)."""
+    return int(value) if isinstance(value, Decimal) and value == value.to_integral_value() else value

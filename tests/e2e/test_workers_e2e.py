@@ -7,6 +7,7 @@ read from the workers' own metrics files (`<server.data_dir>/metrics/worker-<pid
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -77,6 +78,11 @@ def chat_requests(series: dict[str, Any]) -> float:
     return sum(v for labels, v in series.get("gateway_requests_total", {}).items() if ("route", CHAT_ROUTE) in labels)
 
 
+def money_json(response: Any) -> Any:
+    """An API answer with its decimals as Decimal, as the gateway wrote them (`.json()` would read floats)."""
+    return json.loads(response.text, parse_float=Decimal)
+
+
 def exact(text: str, sample: str) -> Decimal:
     """A sample's value as the exposition wrote it (money is exact text there; the parser reads floats)."""
     [line] = [line for line in text.splitlines() if line.startswith(sample + " ")]
@@ -112,15 +118,15 @@ def test_one_scrape_reports_the_sum_over_both_workers(emulator: Emulator, tmp_pa
                 break
         assert len(served) == 2 and all(served.values()), f"one worker served all {sent} requests: {served}"
 
-        usage = wait_for(lambda: (u := gw.admin.get("/admin/v1/usage?group_by=tier").json())["totals"][
+        usage = wait_for(lambda: (u := money_json(gw.admin.get("/admin/v1/usage?group_by=tier")))["totals"][
             "requests"] == sent and u["totals"]["unsettled_requests"] == 0 and u, "the ledger to hold every request")
         [starter] = [row for row in usage["rows"] if row["tier"] == "starter"]
 
         def summed() -> Any:  # the cost families count a generation once it settled: wait for the last one
             text, series = scrape(gw.url)
             costs = [line for line in text.splitlines() if line.startswith('gateway_cost_usd_total{tier="starter"} ')]
-            return chat_requests(series) == sent and costs and exact(text, costs[0].split(" ")[0]) == Decimal(
-                str(starter["total_cost"])) and (text, series)
+            return chat_requests(series) == sent and costs and exact(text, costs[0].split(" ")[0]) == starter["total_cost"] and (
+                text, series)
 
         text, series = wait_for(summed, f"a scrape summing to {sent} requests and their cost")
         assert not gone.exists()  # the earlier run's file of a process that has exited is deleted
@@ -137,8 +143,8 @@ def test_one_scrape_reports_the_sum_over_both_workers(emulator: Emulator, tmp_pa
     tokens = series["gateway_tokens_total"]
     assert tokens[(("kind", "prompt"), ("tier", "starter"))] == starter["prompt_tokens"] > 0
     assert tokens[(("kind", "completion"), ("tier", "starter"))] == starter["completion_tokens"] > 0
-    assert exact(text, 'gateway_cost_usd_total{tier="starter"}') == Decimal(str(starter["total_cost"])) > 0
-    assert exact(text, 'gateway_markup_usd_total{tier="starter"}') == Decimal(str(starter["markup"])) > 0
+    assert exact(text, 'gateway_cost_usd_total{tier="starter"}') == starter["total_cost"] > 0
+    assert exact(text, 'gateway_markup_usd_total{tier="starter"}') == starter["markup"] > 0
     assert series["gateway_request_duration_seconds_count"][(("route", CHAT_ROUTE),)] == sent
     assert series["gateway_upstream_ttfb_seconds_count"][()] == sent
     assert series["gateway_streams_in_flight"][()] == 0
