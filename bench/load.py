@@ -106,12 +106,9 @@ async def python_throughput(url: str, token: str, body: bytes, concurrency: int,
             nonlocal errors
             while not window["stop"]:
                 started = time.perf_counter()
-                try:
-                    async with session.post(url, data=body, headers=headers) as response:
-                        await response.read()
-                        ok = response.status == 200
-                except (TimeoutError, aiohttp.ClientError, OSError):
-                    ok = False
+                status = await _post(session, url, body, headers)
+                ok = status == 200
+                if not status:  # the connection failed: a moment before the next try
                     await asyncio.sleep(0.01)
                 if window["recording"]:
                     if ok:
@@ -132,6 +129,18 @@ async def python_throughput(url: str, token: str, body: bytes, concurrency: int,
     return {"generator": "python", "requests": len(latencies), "errors": errors, "seconds": round(elapsed, 3),
             "rps": round(len(latencies) / elapsed, 1), "p50_ms": _ms(percentile(latencies, 50)),
             "p99_ms": _ms(percentile(latencies, 99)), "server_cpu_s": cpu, "server_cpu_start_s": cpu_began}
+
+
+async def _post(session: Any, url: str, body: bytes, headers: dict[str, str]) -> int:
+    """One POST read to its end: its status, 0 when the connection failed."""
+    import aiohttp
+
+    try:
+        async with session.post(url, data=body, headers=headers) as response:
+            await response.read()
+            return response.status
+    except (TimeoutError, aiohttp.ClientError, OSError):
+        return 0
 
 
 # ---------------------------------------------------------------- paced (open loop)
@@ -158,12 +167,7 @@ async def paced(url: str, token: str, body: bytes, rate: float, duration: float,
 
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
         async def one(due: float, record: bool) -> None:
-            try:
-                async with session.post(url, data=body, headers=headers) as response:
-                    await response.read()
-                    ok = response.status == 200
-            except (TimeoutError, aiohttp.ClientError, OSError):
-                ok = False
+            ok = await _post(session, url, body, headers) == 200
             if record:
                 if ok:
                     latencies.append(time.perf_counter() - due)
