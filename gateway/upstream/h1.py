@@ -342,7 +342,7 @@ class H1Transport:
         if known is None:
             split = urlsplit(base)
             if split.scheme not in ("http", "https") or not split.hostname:
-                raise UpstreamConnectionError(f"unsupported upstream URL {base!r}", sent=False)
+                raise UpstreamConnectionError(f"unsupported upstream URL {base!r}: upstream.base_url must be an http:// or https:// URL with a host", sent=False)
             port = split.port or (443 if split.scheme == "https" else 80)
             known = ((split.scheme, split.hostname, port), b"host: " + split.netloc.encode("idna") + b"\r\n")
             if len(self._targets) < 64:

@@ -343,3 +343,12 @@ async def test_https_is_spoken_over_tls_and_the_certificate_is_checked(self_sign
     finally:
         await transport.close()
         server.close()
+
+
+@pytest.mark.anyio
+async def test_a_url_it_cannot_speak_to_is_refused_before_anything_is_sent(transport: H1Transport) -> None:
+    for url in ("ftp://127.0.0.1:21/file", "http:///no-host"):
+        with pytest.raises(UpstreamConnectionError, match="unsupported upstream URL") as caught:
+            await transport.send("GET", url, {}, None)
+        assert caught.value.sent is False
+    assert transport._open == 0
