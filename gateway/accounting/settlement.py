@@ -28,7 +28,6 @@ import asyncio
 import heapq
 import itertools
 import logging
-import re
 import secrets
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -41,7 +40,7 @@ from gateway.accounting.pacing import Pacer
 from gateway.core.clock import Clock, iso, parse_iso, system_clock
 from gateway.core.config import GenerationLookupConfig
 from gateway.core.metrics import Metrics
-from gateway.core.money import markup_for, to_decimal
+from gateway.core.money import markup_for, number_after, to_decimal
 from gateway.store.usage import PENDING, SETTLED, UNSETTLED, Settlement, UsageRecord
 from gateway.upstream.client import UpstreamClient, UpstreamConnectionError, parse_json
 
@@ -108,8 +107,6 @@ class PendingGeneration:
 
 # the money in a /generation record; each is read exactly from its text (orjson alone would give floats)
 GENERATION_MONEY = ("total_cost", "usage", "cache_discount", "upstream_inference_cost")
-_MONEY_TEXT = {name: re.compile(rb'"' + name.encode() + rb'"\s*:\s*(-?\d+(?:\.\d+)?(?:[eE][+-]?\d+)?)')
-               for name in GENERATION_MONEY}
 
 
 def generation_data(raw: bytes) -> dict[str, Any] | None:
@@ -126,7 +123,7 @@ def generation_data(raw: bytes) -> dict[str, Any] | None:
     for name in GENERATION_MONEY:
         value = data.get(name)
         if isinstance(value, float) or (isinstance(value, int) and not isinstance(value, bool)):
-            found = _MONEY_TEXT[name].findall(raw)
+            found = number_after(name).findall(raw)
             if len(found) != 1:
                 exact = parse_json(raw).get("data")
                 return exact if isinstance(exact, dict) else None

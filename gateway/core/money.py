@@ -5,6 +5,7 @@ Money is `decimal.Decimal` from parsing to storage to reports; a float never tou
 
 from __future__ import annotations
 
+import re
 from decimal import ROUND_HALF_EVEN, Decimal, InvalidOperation
 from typing import Any
 
@@ -13,6 +14,8 @@ import orjson
 ZERO = Decimal(0)
 FREE_MODEL_REASON = "free_model"
 PICO = Decimal(10) ** 12
+_NUMBER_TEXT = rb'"\s*:\s*(-?\d+(?:\.\d+)?(?:[eE][+-]?\d+)?)'  # after a key: a JSON number, exactly
+_KEY_NUMBER: dict[str, re.Pattern[bytes]] = {}
 
 
 def to_decimal(value: Any) -> Decimal | None:
@@ -85,3 +88,14 @@ def _unmark(body: bytes) -> bytes:
         out.append(body[start:index])
         out.append(body[index + len(token) : end])
         start = end + 1
+
+
+def number_after(key: str) -> re.Pattern[bytes]:
+    """`"key": <number>` in JSON text, the number's exact text as group 1 (where orjson would give a float,
+    money is read from this). Compiled once per key; the keys are a bounded set (the upstream's field names)."""
+    pattern = _KEY_NUMBER.get(key)
+    if pattern is None:
+        pattern = re.compile(rb'"' + re.escape(key.encode()) + _NUMBER_TEXT)
+        if len(_KEY_NUMBER) < 256:
+            _KEY_NUMBER[key] = pattern
+    return pattern

@@ -21,11 +21,11 @@ from typing import Any
 
 import orjson
 
+from gateway.core.money import number_after
+
 _MAX_TAIL = 1 << 20  # a single SSE line longer than this is not observed (still passed through)
 _FINISH = re.compile(rb'"finish_reason"\s*:\s*"([^"]+)"')
 _USAGE = re.compile(rb'"usage"\s*:\s*\{')
-_NUMBER_TEXT = rb'"\s*:\s*(-?\d+(?:\.\d+)?(?:[eE][+-]?\d+)?)'  # after a key: a JSON number, exactly
-_KEY_NUMBER: dict[str, re.Pattern[bytes]] = {}
 _RESPONSE_EVENT = b'"type":"response.'
 # A Responses status in chat terms; `incomplete` takes its reason (max_output_tokens → length).
 _RESPONSE_FINISH = {"completed": "stop", "failed": "error", "cancelled": "cancelled"}
@@ -82,20 +82,10 @@ def exact_usage(raw: bytes, usage: dict[str, Any]) -> dict[str, Any] | None:
     return usage
 
 
-def _number_after(key: str) -> re.Pattern[bytes]:
-    """`"key": <number>`, compiled once per key (a bounded set: usage's own field names)."""
-    pattern = _KEY_NUMBER.get(key)
-    if pattern is None:
-        pattern = re.compile(rb'"' + re.escape(key.encode()) + _NUMBER_TEXT)
-        if len(_KEY_NUMBER) < 256:
-            _KEY_NUMBER[key] = pattern
-    return pattern
-
-
 def _exact_numbers(obj: dict[str, Any], raw: bytes, start: int) -> bool:
     for key, value in obj.items():
         if isinstance(value, float):
-            found = _number_after(key).search(raw, start)
+            found = number_after(key).search(raw, start)
             if found is None:
                 return False
             exact = Decimal(found.group(1).decode())
