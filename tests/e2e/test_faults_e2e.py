@@ -276,7 +276,19 @@ def test_redis_restarting_empty_never_loses_spend_on_two_instances(tmp_path, emu
         gws = [start_gateway(tmp_path, emulator, settings), start_gateway(tmp_path, emulator, settings)]
         account = gws[0].create_user(tier="starter", key=emulator.new_key())
         clients = [gw.client(account["token"]) for gw in gws]
-        statuses = [clients[n % 2].post("/v1/chat/completions", json=CHAT).status_code for n in range(4)]
+        import redis as redis_client
+
+        shared = redis_client.Redis.from_url(redis_server.url)
+        holds = f"gw:l:{{{account['id']}}}:f"  # the user's requests in flight, as the shared counters hold them
+
+        def one_request(n: int) -> int:
+            # the answer reaches the client a loop turn before its instance's release reaches Redis: the next
+            # request waits for that, so each one sees the spend before it (the budget is counted, not raced)
+            status = clients[n % 2].post("/v1/chat/completions", json=CHAT).status_code
+            poll(lambda: shared.zcard(holds) == 0, "the request's hold released in Redis", timeout=5, every=0.01)
+            return status
+
+        statuses = [one_request(n) for n in range(4)]
         assert statuses == [200] * 4
         db = tmp_path / "gateway.db"
         poll(lambda: sqlite_rows(db, "SELECT COUNT(*) FROM usage_records") == [(4,)])
